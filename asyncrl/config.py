@@ -1,0 +1,287 @@
+"""Typed run configuration: YAML files plus dotted command-line overrides.
+
+Owns the schema of every setting and its one-line doc (the attribute docstring under each field,
+which `asyncrl config-doc` renders into docs/config.md). Validation happens here, once, so that a
+wrong key or value is reported before any process starts. Must never start processes or import
+torch: every part of asyncrl imports this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: Optional[str] = None
+    """Local directory of a Hugging Face causal LM (from_pretrained); null builds a random-init model from the fields below."""
+    arch: Literal["qwen2", "llama"] = "qwen2"
+    """Architecture of the random-init model."""
+    vocab_size: int = Field(32, ge=2)
+    """Vocabulary size of the random-init model; must cover the task's tokenizer."""
+    hidden_size: int = Field(64, ge=8)
+    """Width of the random-init model."""
+    intermediate_size: int = Field(128, ge=8)
+    """MLP width of the random-init model."""
+    num_layers: int = Field(2, ge=1)
+    """Transformer blocks of the random-init model."""
+    num_heads: int = Field(4, ge=1)
+    """Attention heads of the random-init model."""
+    num_kv_heads: int = Field(2, ge=1)
+    """Key/value heads (grouped-query attention) of the random-init model."""
+    max_positions: int = Field(64, ge=8)
+    """Longest prompt + response the random-init model supports."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output head."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype on every process."""
+    init_seed: int = 0
+    """Seed of the random initialisation, so that learner and rollout build the same version 0."""
+
+
+class TaskConfig(Section):
+    name: str = "repeat"
+    """Built-in task (repeat, reverse, add_mod) or 'dataset' for a local jsonl/parquet file."""
+    num_digits: int = Field(3, ge=1, le=16)
+    """Digits per prompt for the built-in digit tasks."""
+    path: Optional[str] = None
+    """Local jsonl or parquet file of prompts with reference answers (task 'dataset')."""
+    prompt_key: str = "question"
+    """Column holding the prompt text (task 'dataset')."""
+    answer_key: str = "answer"
+    """Column holding the reference answer (task 'dataset'); GSM8K '#### 42' endings are understood."""
+    reward: Literal["exact", "gsm8k"] = "gsm8k"
+    """Reward for task 'dataset': exact string match, or the GSM8K-style final-number match."""
+
+
+class SamplingConfig(Section):
+    n: int = Field(8, ge=1)
+    """Samples per prompt: the size of a trajectory group."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Softmax temperature; behaviour log-probs are taken after it."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass; 1 disables it."""
+    top_k: int = Field(0, ge=0)
+    """Keep only the k most likely tokens; 0 disables it."""
+    max_new_tokens: int = Field(8, ge=1)
+    """Longest response in tokens."""
+    stop_tokens: list[int] = []
+    """Token ids that end a response, in addition to the tokenizer's end-of-sequence token."""
+
+
+class RolloutConfig(Section):
+    num_servers: int = Field(1, ge=1)
+    """Rollout servers that `asyncrl run` starts."""
+    engine: Literal["torch"] = "torch"
+    """Generation engine: the embedded transformers engine."""
+    groups_per_batch: int = Field(8, ge=1)
+    """Groups one generation batch holds (n samples each)."""
+    device: str = "cpu"
+    """Torch device of the embedded engine."""
+    threads: int = Field(1, ge=1)
+    """Torch CPU threads per rollout server."""
+    seed: int = 1
+    """Base seed of sampling and prompt order; server i uses seed + i."""
+
+
+class LearnerConfig(Section):
+    steps: int = Field(200, ge=1)
+    """Learner steps (policy versions) to train."""
+    groups_per_step: int = Field(8, ge=1)
+    """Groups in each step's batch (B)."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Adam learning rate."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """Adam betas."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, gt=0.0)
+    """Gradient-norm clip."""
+    sync_every: int = Field(1, ge=1)
+    """Publish weights every this many steps; needs sync_every - 1 <= max_staleness."""
+    device: str = "cpu"
+    """Torch device of the learner."""
+    threads: int = Field(1, ge=1)
+    """Torch CPU threads of the learner."""
+    seed: int = 0
+    """Seed of the learner's own randomness."""
+    batch_timeout_s: float = Field(300.0, gt=0.0)
+    """Give up with an error when no batch arrives for this long."""
+
+
+class LossConfig(Section):
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
+    """Group advantage estimator: GRPO (mean/std), Dr. GRPO (mean only), RLOO, REINFORCE++ baseline."""
+    adv_eps: float = Field(1e-6, gt=0.0)
+    """Added to the group std in GRPO."""
+    objective: Literal["decoupled", "behaviour"] = "decoupled"
+    """'decoupled': clip against recomputed proximal log-probs and correct behaviour->proximal by importance weights; 'behaviour': plain PPO against the behaviour log-probs, no correction."""
+    correction: Literal["tis", "none"] = "tis"
+    """Importance correction between behaviour and proximal policy in the decoupled objective."""
+    is_cap: float = Field(2.0, gt=0.0)
+    """Cap C of truncated importance weights."""
+    clip_low: float = Field(0.2, ge=0.0, lt=1.0)
+    """PPO ratio clip below 1."""
+    clip_high: float = Field(0.2, ge=0.0)
+    """PPO ratio clip above 1 (clip-higher when larger than clip_low)."""
+    agg: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    """How per-token losses are reduced to one number."""
+
+
+class QueueConfig(Section):
+    address: str = "tcp://127.0.0.1:5555"
+    """Where the transfer queue listens (server) and where producers and consumers connect."""
+    capacity_groups: int = Field(1024, ge=1)
+    """Most groups held at once; producers are told to wait beyond it."""
+    capacity_bytes: int = Field(256 << 20, ge=1024)
+    """Most payload bytes held at once; producers are told to wait beyond it."""
+    max_message_bytes: int = Field(64 << 20, ge=1024)
+    """Messages larger than this are rejected."""
+    request_timeout_s: float = Field(30.0, gt=0.0)
+    """A client resends a request that got no reply for this long, then gives up after retries."""
+
+
+class WeightsConfig(Section):
+    address: str = "tcp://127.0.0.1:5556"
+    """Where the learner serves weight versions and rollout servers fetch them."""
+
+
+class Config(Section):
+    run_name: str = "run"
+    """Name of the run, used in logs and replay keys."""
+    max_staleness: int = Field(1, ge=0)
+    """K: most versions between the weights that generated a group and the step that trains on it; 0 is on-policy."""
+    out: Optional[str] = None
+    """Output directory (metrics.jsonl, logs); `--out` sets it."""
+    model: ModelConfig = ModelConfig()
+    """The policy model."""
+    task: TaskConfig = TaskConfig()
+    """Prompts and rewards."""
+    sampling: SamplingConfig = SamplingConfig()
+    """How responses are sampled."""
+    rollout: RolloutConfig = RolloutConfig()
+    """Rollout servers."""
+    learner: LearnerConfig = LearnerConfig()
+    """The learner."""
+    loss: LossConfig = LossConfig()
+    """The policy loss."""
+    queue: QueueConfig = QueueConfig()
+    """The transfer queue."""
+    weights: WeightsConfig = WeightsConfig()
+    """Weight publication."""
+
+    @model_validator(mode="after")
+    def _sync_fits_staleness(self) -> "Config":
+        if self.learner.sync_every - 1 > self.max_staleness:
+            raise ValueError(
+                f"learner.sync_every={self.learner.sync_every} with max_staleness={self.max_staleness}: "
+                "a group generated right after a publish would be trained "
+                f"{self.learner.sync_every - 1} versions later; set learner.sync_every <= max_staleness + 1"
+            )
+        return self
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split 'a.b.c=value' into (['a','b','c'], value) with the value read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}={raw!r}: value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for depth, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(path[: depth + 1])
+            raise ConfigError(f"override {'.'.join(path)}: {where} = {child!r} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _format_errors(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key (value {err['input']!r}); see docs/config.md for the keys")
+        elif err["loc"]:
+            lines.append(f"{key} = {err['input']!r}: {msg}")
+        else:
+            lines.append(msg)
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(data: dict) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or start from defaults when path is None) and apply dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping, not {type(data).__name__}")
+    for item in overrides:
+        keys, value = parse_override(item)
+        apply_override(data, keys, value)
+    return build_config(data)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def config_reference() -> str:
+    """Markdown reference of every config key with its type, default and doc."""
+    out = ["# Config reference", "", "Generated by `asyncrl config-doc` from asyncrl/config.py.", ""]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        rows = []
+        subs = []
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                subs.append((prefix + name, ann, field.description))
+                continue
+            default = field.default
+            ann_text = str(ann).replace("typing.", "")
+            if isinstance(ann, type):
+                ann_text = ann.__name__
+            rows.append(f"| `{prefix}{name}` | `{ann_text}` | `{default!r}` | {field.description or ''} |")
+        if rows:
+            out.extend(["| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+        for key, sub, doc in subs:
+            out.extend([f"## `{key}`", "", doc or "", ""])
+            walk(sub, key + ".")
+
+    walk(Config, "")
+    return "\n".join(out)
