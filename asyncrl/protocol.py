@@ -25,14 +25,14 @@ class Sample:
     behav_logprobs: np.ndarray
     """Log-probability of each response token under the distribution it was sampled from, float32."""
     versions: np.ndarray
-    """Policy version of the weights that produced each token, int32."""
+    """Policy version of the weights that produced each token, int32. A sample has at least one token."""
     reward: float
     finish_reason: str = "length"
 
     @property
     def behaviour_version(self) -> int:
         """The oldest version among the sample's tokens (contract 1)."""
-        return int(self.versions.min()) if len(self.versions) else 0
+        return int(self.versions.min())
 
 
 @dataclass

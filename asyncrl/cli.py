@@ -1,0 +1,191 @@
+"""The one entry point, `asyncrl`: run, learner, rollout, queue, config-doc.
+
+Parses arguments (click) and the config, then hands over to the part that does the work. Every
+long-running command stops cleanly on SIGINT/SIGTERM. Must never hold logic of its own beyond
+wiring.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from asyncrl.config import Config, ConfigError, config_reference, dump_config, load_config
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; long loops poll it and wind down."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        signal.signal(signal.SIGTERM, self._set)
+        signal.signal(signal.SIGINT, self._set)
+
+    def _set(self, signum, frame) -> None:
+        self._event.set()
+
+    def __call__(self) -> bool:
+        return self._event.is_set()
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def _load(path: Optional[str], overrides: tuple[str, ...], out: Optional[str] = None) -> Config:
+    try:
+        cfg = load_config(path, list(overrides))
+        if out is not None:
+            cfg.out = out
+        return cfg
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+config_option = click.option("--config", "config_path", type=click.Path(), default=None, help="YAML config file.")
+overrides_arg = click.argument("overrides", nargs=-1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """asyncrl: fully asynchronous, off-policy RL for language models."""
+
+
+@main.command()
+@click.argument("config_path", type=click.Path())
+@overrides_arg
+@click.option("--out", default=None, help="Output directory (default runs/<run_name>).")
+def run(config_path: str, overrides: tuple[str, ...], out: Optional[str]) -> None:
+    """Start the queue, one learner and N rollout servers on this machine, under supervision."""
+    from asyncrl.supervisor import Supervisor
+
+    cfg = _load(config_path, overrides, out)
+    out_dir = Path(cfg.out or f"runs/{cfg.run_name}")
+    cfg.out = str(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.exists():
+        metrics.unlink()  # a new run starts a new record; --out a fresh directory to keep old ones
+    dump_config(cfg, out_dir / "config.yaml")
+    sys.exit(Supervisor(cfg, out_dir).run())
+
+
+@main.command()
+@config_option
+@overrides_arg
+@click.option("--out", default=None, help="Output directory for metrics.jsonl.")
+@click.option("--queue/--no-queue", "serve_queue", default=True, help="Serve the transfer queue inside this process.")
+def learner(config_path: Optional[str], overrides: tuple[str, ...], out: Optional[str], serve_queue: bool) -> None:
+    """Train on groups from the queue and publish weight versions."""
+    _setup_logging()
+    cfg = _load(config_path, overrides, out)
+    stop = StopFlag()
+    queue_thread = None
+    if serve_queue:
+        queue_thread = threading.Thread(target=_serve_queue, args=(cfg, stop), name="queue", daemon=True)
+        queue_thread.start()
+    from asyncrl.learner.trainer import Learner
+
+    trainer = Learner(cfg, Path(cfg.out) if cfg.out else None)
+    try:
+        version = trainer.run(stop)
+        logging.getLogger("asyncrl.learner").info("stopped at policy version %d", version)
+    finally:
+        trainer.close()
+    if queue_thread is not None:
+        stop._event.set()
+        queue_thread.join(timeout=2)
+
+
+@main.command()
+@config_option
+@overrides_arg
+@click.option("--index", default=0, show_default=True, help="Server index: sets its id and seed.")
+def rollout(config_path: Optional[str], overrides: tuple[str, ...], index: int) -> None:
+    """Generate trajectory groups with the newest weights and send them to the queue."""
+    _setup_logging()
+    cfg = _load(config_path, overrides)
+    stop = StopFlag()
+    from asyncrl.rollout.server import RolloutServer
+
+    server = RolloutServer(cfg, index)
+    try:
+        sent = server.run(stop)
+        logging.getLogger("asyncrl.rollout").info("%s stopped after %d groups", server.engine_id, sent)
+    finally:
+        server.close()
+
+
+@main.group()
+def queue() -> None:
+    """The transfer queue."""
+
+
+def _serve_queue(cfg: Config, stop) -> None:
+    from asyncrl.queue.server import QueueServer, QueueSettings
+
+    settings = QueueSettings(
+        max_staleness=cfg.max_staleness,
+        groups_per_step=cfg.learner.groups_per_step,
+        capacity_groups=cfg.queue.capacity_groups,
+        capacity_bytes=cfg.queue.capacity_bytes,
+        max_message_bytes=cfg.queue.max_message_bytes,
+        vocab_size=cfg.model.vocab_size if cfg.model.path is None else None,
+    )
+    server = QueueServer(cfg.queue.address, settings)
+    logging.getLogger("asyncrl.queue").info("serving on %s", server.address)
+    try:
+        server.serve(stop)
+    finally:
+        logging.getLogger("asyncrl.queue").info("final stats %s", json.dumps(server.snapshot()))
+        server.close()
+
+
+@queue.command("serve")
+@config_option
+@overrides_arg
+def queue_serve(config_path: Optional[str], overrides: tuple[str, ...]) -> None:
+    """Run the transfer queue server."""
+    _setup_logging()
+    cfg = _load(config_path, overrides)
+    _serve_queue(cfg, StopFlag())
+
+
+@queue.command("stats")
+@config_option
+@overrides_arg
+@click.option("--json", "as_json", is_flag=True, help="Print raw JSON.")
+def queue_stats(config_path: Optional[str], overrides: tuple[str, ...], as_json: bool) -> None:
+    """Print the queue's counters."""
+    from asyncrl.queue.client import QueueConsumer, QueueTimeout
+
+    cfg = _load(config_path, overrides)
+    client = QueueConsumer(cfg.queue.address, name="stats", timeout_s=5.0, retries=0)
+    try:
+        stats = client.stats()
+    except QueueTimeout as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        client.close()
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    for key, value in stats.items():
+        click.echo(f"{key:>16}  {value}")
+
+
+@main.command("config-doc")
+def config_doc() -> None:
+    """Print the config reference (docs/config.md) generated from the config classes."""
+    click.echo(config_reference())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Clients of the transfer queue: `QueueProducer` for rollout servers, `QueueConsumer` for learners.
+
+Each request waits for its reply with a timeout; on silence the client rebuilds its socket and
+resends (the Lazy Pirate pattern), which is safe because group ids make puts idempotent. A peer
+that stays silent past all retries becomes a `QueueTimeout` naming the address, never a hang.
+Must never import torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Optional
+
+import zmq
+
+from asyncrl.protocol import TrajectoryGroup
+from asyncrl.queue.codec import GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, decode_group, encode_group, pack, unpack_header
+
+
+class QueueTimeout(TimeoutError):
+    pass
+
+
+class QueueRequestError(RuntimeError):
+    """The server refused a request; `code` is its counter name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _Client:
+    def __init__(self, address: str, name: str, timeout_s: float = 30.0, retries: int = 3):
+        self.address = address
+        self.name = name
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self._ctx = zmq.Context.instance()
+        self._req_ids = itertools.count(1)
+        self._socket: Optional[zmq.Socket] = None
+        self._connect()
+
+    def _connect(self) -> None:
+        if self._socket is not None:
+            self._socket.close(0)
+        self._socket = self._ctx.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(self.address)
+
+    def request(self, op: str, fields: Optional[dict] = None, frames: list = ()) -> tuple[dict, list]:
+        for attempt in range(self.retries + 1):
+            req = next(self._req_ids)
+            header = {"proto": PROTOCOL_VERSION, "op": op, "req": req, **(fields or {})}
+            self._socket.send_multipart([pack(header), *frames], copy=False)
+            deadline = time.monotonic() + self.timeout_s
+            while (left := deadline - time.monotonic()) > 0:
+                if not self._socket.poll(int(left * 1000) + 1, zmq.POLLIN):
+                    break
+                reply_frames = self._socket.recv_multipart(copy=False)
+                reply = unpack_header(reply_frames[0].bytes)
+                if reply.get("req") != req:
+                    continue  # a late answer to an earlier attempt
+                if not reply.get("ok"):
+                    raise QueueRequestError(str(reply.get("code")), f"queue at {self.address} refused {op}: {reply.get('error')}")
+                return reply, reply_frames[1:]
+            self._connect()
+        raise QueueTimeout(
+            f"queue at {self.address} did not answer {op!r} within {self.timeout_s:.0f} s, {self.retries + 1} tries; "
+            "is `asyncrl queue` (or the learner) running and reachable?"
+        )
+
+    def hello(self, role: str) -> dict:
+        reply, _ = self.request("hello", {"role": role, "name": self.name})
+        return reply
+
+    def stats(self) -> dict:
+        reply, _ = self.request("stats")
+        return reply["stats"]
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(0)
+            self._socket = None
+
+
+class QueueProducer(_Client):
+    """Used by rollout servers: ask for admission tickets, then hand over groups until accepted."""
+
+    def ticket(self, version: int, want: int) -> tuple[int, bool]:
+        """(granted, closed): how many groups may be started with weights of `version`."""
+        reply, _ = self.request("ticket", {"version": version, "want": want, "engine": self.name})
+        return int(reply["granted"]), bool(reply.get("closed"))
+
+    def release(self, count: int) -> None:
+        if count > 0:
+            self.request("release", {"count": count})
+
+    def put(self, group: TrajectoryGroup, ticketed: bool = True, wait_s: float = 0.01) -> str:
+        """Send until the queue holds it; returns 'accepted' or 'duplicate'. Waits while the queue is full."""
+        frames = encode_group(group)
+        pause = wait_s
+        while True:
+            reply, _ = self.request("put", {"ticketed": ticketed}, frames)
+            if reply["status"] != "wait":
+                return reply["status"]
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+
+class QueueConsumer(_Client):
+    """Used by learners: take a step's batch under a lease, acknowledge it after the step."""
+
+    def __init__(self, address: str, name: str, vocab_size: Optional[int] = None, **kwargs):
+        super().__init__(address, name, **kwargs)
+        self.vocab_size = vocab_size
+
+    def set_version(self, version: int) -> None:
+        self.request("version", {"version": version})
+
+    def try_get(self, version: int, groups: int) -> tuple[Optional[int], list[TrajectoryGroup], bool]:
+        """(lease, groups, closed): an empty list when fewer than `groups` are ready."""
+        reply, frames = self.request("get", {"version": version, "groups": groups, "consumer": self.name})
+        count = int(reply["groups"])
+        if count == 0:
+            return None, [], bool(reply.get("closed"))
+        per = 1 + GROUP_FRAMES
+        if len(frames) != count * per:
+            raise ProtocolError("bad_frames", f"batch reply has {len(frames)} frames for {count} groups")
+        batch = [decode_group([f.buffer for f in frames[i * per : (i + 1) * per]], self.vocab_size) for i in range(count)]
+        return int(reply["lease"]), batch, False
+
+    def get_batch(
+        self, version: int, groups: int, timeout_s: float, should_stop=lambda: False, poll_s: float = 0.002
+    ) -> tuple[Optional[int], list[TrajectoryGroup]]:
+        """Wait for a full batch; (None, []) if `should_stop` turns true first."""
+        deadline = time.monotonic() + timeout_s
+        pause = poll_s
+        while not should_stop():
+            lease, batch, _ = self.try_get(version, groups)
+            if batch:
+                return lease, batch
+            if time.monotonic() > deadline:
+                raise QueueTimeout(
+                    f"no batch of {groups} groups from the queue at {self.address} within {timeout_s:.0f} s; "
+                    "are rollout servers running and connected to it?"
+                )
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.02)
+        return None, []
+
+    def ack(self, lease: int) -> int:
+        reply, _ = self.request("ack", {"lease": lease})
+        return int(reply.get("acknowledged", 0))
+
+    def close_queue(self) -> None:
+        """Tell producers the run is over: tickets are refused from now on."""
+        self.request("close")
