@@ -127,14 +127,22 @@ class LossConfig(Section):
     """Added to the group std in GRPO."""
     objective: Literal["decoupled", "behaviour"] = "decoupled"
     """'decoupled': clip against recomputed proximal log-probs and correct behaviour->proximal by importance weights; 'behaviour': plain PPO against the behaviour log-probs, no correction."""
-    correction: Literal["tis", "none"] = "tis"
-    """Importance correction between behaviour and proximal policy in the decoupled objective."""
+    correction: Literal["tis", "seq_is", "mis", "geo_mask", "none"] = "tis"
+    """Importance correction behaviour -> proximal in the decoupled objective: token truncated IS, sequence IS, masked IS (IcePop), geometric-mean sequence mask, or none."""
     is_cap: float = Field(2.0, gt=0.0)
-    """Cap C of truncated importance weights."""
+    """Cap C of truncated importance weights (tis, seq_is)."""
+    is_low: float = Field(0.5, ge=0.0)
+    """Lower bound of kept importance weights (mis, geo_mask)."""
+    is_high: float = Field(2.0, gt=0.0)
+    """Upper bound of kept importance weights (mis, geo_mask)."""
     clip_low: float = Field(0.2, ge=0.0, lt=1.0)
     """PPO ratio clip below 1."""
     clip_high: float = Field(0.2, ge=0.0)
     """PPO ratio clip above 1 (clip-higher when larger than clip_low)."""
+    dual_clip: Optional[float] = Field(None, gt=1.0)
+    """Dual-clip bound c on negative advantages (e.g. 3); null disables it."""
+    ratio: Literal["token", "gspo"] = "token"
+    """Per-token PPO ratio, or GSPO's length-normalised sequence ratio."""
     agg: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
     """How per-token losses are reduced to one number."""
 
