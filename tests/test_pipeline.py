@@ -1,0 +1,77 @@
+"""The whole pipeline as a user runs it: `asyncrl run` with real processes and sockets."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, port_overrides, run_cli
+
+
+def read_records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def mean_reward(records):
+    return sum(r["reward_mean"] for r in records) / len(records)
+
+
+def test_shortened_quickstart_learns(tmp_path):
+    out = tmp_path / "q"
+    result = run_cli("run", "configs/quickstart.yaml", "--out", str(out), "learner.steps=500", *port_overrides(), timeout=170)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_records(out)
+    assert [r["step"] for r in records] == list(range(1, 501))
+    tenth = len(records) // 10
+    first, last = mean_reward(records[:tenth]), mean_reward(records[-tenth:])
+    assert last - first >= 0.2, f"reward went from {first:.3f} to {last:.3f}"
+    for key in ("step", "policy_version", "reward_mean", "staleness_mean", "staleness_max", "samples_per_s", "tokens_per_s", "wall_s", "loss"):
+        assert key in records[-1]
+
+
+@pytest.mark.parametrize("max_staleness, servers", [(0, 1), (1, 1), (4, 2)])
+def test_staleness_never_exceeds_the_bound(tmp_path, max_staleness, servers):
+    out = tmp_path / f"k{max_staleness}"
+    result = run_cli(
+        "run", "configs/quickstart.yaml", "--out", str(out), "learner.steps=60", f"max_staleness={max_staleness}",
+        f"rollout.num_servers={servers}", "learner.groups_per_step=4", "rollout.groups_per_batch=4", *port_overrides(),
+        timeout=170,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_records(out)
+    assert len(records) == 60
+    assert max(r["staleness_max"] for r in records) <= max_staleness
+    if max_staleness > 0:
+        # The bound is used, not just respected: rollouts ran ahead of the learner.
+        assert max(r["staleness_max"] for r in records) >= 1
+
+
+def test_a_child_that_dies_stops_the_run_and_is_named(tmp_path):
+    out = tmp_path / "bad"
+    # A task name that does not exist makes every rollout server fail at start.
+    result = run_cli("run", "configs/quickstart.yaml", "--out", str(out), "task.name=nope", *port_overrides(), timeout=120)
+    assert result.returncode == 1
+    assert "child rollout-0 exited with code 1 unexpectedly" in result.stderr
+    assert "'nope' is not a task" in result.stderr
+
+
+def test_ctrl_c_stops_every_child(tmp_path):
+    out = tmp_path / "int"
+    cmd = [sys.executable, "-m", "asyncrl.cli", "run", "configs/quickstart.yaml", "--out", str(out), "learner.steps=100000", *port_overrides()]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert time.monotonic() < deadline, "run never started training"
+        time.sleep(0.2)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 3
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert "interrupted" in stderr
+    for pid in children:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
