@@ -79,9 +79,11 @@ def test_too_stale_group_is_dropped_at_consumption_and_counted(queue_server):
     producer.put(fresh, ticketed=False)
     lease, batch = consumer.get_batch(version=3, groups=1, timeout_s=5)
     assert batch[0].group_id == fresh.group_id
+    consumer.ack(lease)
     stats = consumer.stats()
     assert stats["dropped"] == {"stale": 1}
-    assert stats["staleness"] == {"0": 1}
+    assert stats["staleness"] == {"0": 1}  # of trained groups, recorded at acknowledgement
+    assert stats["balanced"]
 
 
 def test_oldest_version_is_delivered_first(queue_server):
@@ -129,6 +131,6 @@ def test_garbage_and_unknown_protocol_get_error_replies(queue_server):
     sock.send_multipart([msgpack.packb({"proto": 99, "op": "stats", "req": 5})])
     assert sock.poll(5000)
     reply = msgpack.unpackb(sock.recv_multipart()[0])
-    assert reply == {"ok": False, "code": "bad_protocol", "error": reply["error"], "req": 5}
+    assert reply == {"ok": False, "code": "bad_protocol", "error": reply["error"], "proto": 1, "req": 5}
     assert "protocol version 99 is not supported" in reply["error"]
     sock.close(0)

@@ -85,42 +85,91 @@ class _Client:
 
 
 class QueueProducer(_Client):
-    """Used by rollout servers: ask for admission tickets, then hand over groups until accepted."""
+    """Used by rollout servers: ask for admission tickets, then hand over groups until accepted.
+
+    Tickets are held under this producer's name; a producer silent for the queue's ticket_lease_s
+    loses them, so a long pause between ticket and put must be covered by a fresh ticket request.
+    """
+
+    learner_version = 0
+    """The learner's version as of the last ticket reply."""
 
     def ticket(self, version: int, want: int) -> tuple[int, bool]:
         """(granted, closed): how many groups may be started with weights of `version`."""
         reply, _ = self.request("ticket", {"version": version, "want": want, "engine": self.name})
+        self.learner_version = int(reply.get("learner_version", self.learner_version))
         return int(reply["granted"]), bool(reply.get("closed"))
 
-    def release(self, count: int) -> None:
-        if count > 0:
-            self.request("release", {"count": count})
+    def release(self, count: int) -> int:
+        """Hand back tickets that will not be used (an engine stopping); returns how many the queue still held."""
+        if count <= 0:
+            return 0
+        reply, _ = self.request("release", {"count": count, "engine": self.name})
+        return int(reply.get("released", 0))
 
     def put(self, group: TrajectoryGroup, ticketed: bool = True, wait_s: float = 0.01) -> str:
         """Send until the queue holds it; returns 'accepted' or 'duplicate'. Waits while the queue is full."""
         frames = encode_group(group)
         pause = wait_s
         while True:
-            reply, _ = self.request("put", {"ticketed": ticketed}, frames)
+            reply, _ = self.request("put", {"ticketed": ticketed, "engine": self.name}, frames)
             if reply["status"] != "wait":
                 return reply["status"]
             time.sleep(pause)
             pause = min(pause * 2, 0.5)
 
+    def put_many(self, groups: list[TrajectoryGroup], ticketed: bool = True, wait_s: float = 0.01) -> list[str]:
+        """Send several groups per message (far fewer round trips for small groups) until each is held.
+
+        Returns each group's final status, 'accepted' or 'duplicate'. Groups told to wait are resent,
+        alone with the others that waited, after a pause that grows while the queue stays full.
+        """
+        encoded = [encode_group(g) for g in groups]
+        statuses: list[Optional[str]] = [None] * len(groups)
+        pending = list(range(len(groups)))
+        pause = wait_s
+        while pending:
+            frames = [f for i in pending for f in encoded[i]]
+            reply, _ = self.request("put", {"ticketed": ticketed, "engine": self.name, "groups": len(pending)}, frames)
+            waiting = []
+            for i, status in zip(pending, reply["statuses"]):
+                if status == "wait":
+                    waiting.append(i)
+                else:
+                    statuses[i] = status
+            if len(waiting) == len(pending):
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+            else:
+                pause = wait_s
+            pending = waiting
+        return statuses  # type: ignore[return-value]
+
 
 class QueueConsumer(_Client):
     """Used by learners: take a step's batch under a lease, acknowledge it after the step."""
 
-    def __init__(self, address: str, name: str, vocab_size: Optional[int] = None, **kwargs):
+    def __init__(
+        self, address: str, name: str, vocab_size: Optional[int] = None, rank: Optional[int] = None, world: int = 1, **kwargs
+    ):
+        """`rank`/`world`: this learner's data-parallel rank; each rank then receives its whole-group share
+        (groups / world) of the same step's batch. None keeps the plain get: the whole batch to this consumer."""
         super().__init__(address, name, **kwargs)
         self.vocab_size = vocab_size
+        self.rank = rank
+        self.world = world
 
     def set_version(self, version: int) -> None:
         self.request("version", {"version": version})
 
     def try_get(self, version: int, groups: int) -> tuple[Optional[int], list[TrajectoryGroup], bool]:
-        """(lease, groups, closed): an empty list when fewer than `groups` are ready."""
-        reply, frames = self.request("get", {"version": version, "groups": groups, "consumer": self.name})
+        """(lease, groups, closed): an empty list when fewer than `groups` are ready.
+
+        `groups` is the whole step's batch; with a rank set, this rank receives groups / world of them."""
+        fields = {"version": version, "groups": groups, "consumer": self.name}
+        if self.rank is not None:
+            fields.update(rank=self.rank, world=self.world)
+        reply, frames = self.request("get", fields)
         count = int(reply["groups"])
         if count == 0:
             return None, [], bool(reply.get("closed"))
