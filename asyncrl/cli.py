@@ -140,12 +140,22 @@ def _serve_queue(cfg: Config, stop) -> None:
         vocab_size=cfg.model.vocab_size if cfg.model.path is None else None,
     )
     server = QueueServer(cfg.queue.address, settings)
+    mirror = None
+    if cfg.replay.redis_url:
+        from asyncrl.replay.mirror import ReplayMirror
+
+        mirror = ReplayMirror.from_config(cfg, learner_version=lambda: server.learner_version)
+        server.observers.append(mirror)
     logging.getLogger("asyncrl.queue").info("serving on %s", server.address)
     try:
         server.serve(stop)
     finally:
         logging.getLogger("asyncrl.queue").info("final stats %s", json.dumps(server.snapshot()))
         server.close()
+        if mirror is not None:
+            # After server.close(), whose shutdown drops are mirrored too; bounded, so that a hung
+            # Redis cannot hold up the end of a run (what is not written by then counts as lost).
+            logging.getLogger("asyncrl.replay").info("mirror stats %s", json.dumps(mirror.close(timeout_s=3.0)))
 
 
 @queue.command("serve")
@@ -185,6 +195,11 @@ def queue_stats(config_path: Optional[str], overrides: tuple[str, ...], as_json:
 def config_doc() -> None:
     """Print the config reference (docs/config.md) generated from the config classes."""
     click.echo(config_reference())
+
+
+from asyncrl.replay.cli import replay  # noqa: E402  (registered last: it adds a subcommand to `main`)
+
+main.add_command(replay)
 
 
 if __name__ == "__main__":

@@ -165,6 +165,21 @@ class WeightsConfig(Section):
     """Where the learner serves weight versions and rollout servers fetch them."""
 
 
+class ReplayConfig(Section):
+    redis_url: Optional[str] = None
+    """Redis that mirrors every accepted, dropped and rejected group (redis://user:pass@host:port/db, rediss:// for TLS); null turns the mirror off."""
+    maxlen: int = Field(10000, ge=1)
+    """Most groups kept per run; older ones are deleted (the run's event stream is trimmed with MAXLEN ~ to about this)."""
+    max_bytes: int = Field(1 << 30, ge=1 << 20)
+    """Most group payload bytes kept per run; the oldest groups are deleted beyond it."""
+    max_runs: int = Field(16, ge=1)
+    """Most runs kept in Redis; a new run deletes the least recently written ones beyond it."""
+    buffer: int = Field(1024, ge=1)
+    """Most mirror records waiting to be written; beyond it records are lost and counted, the queue never waits."""
+    buffer_bytes: int = Field(256 << 20, ge=1 << 20)
+    """Most payload bytes waiting to be written; beyond it records are lost and counted."""
+
+
 class Config(Section):
     run_name: str = "run"
     """Name of the run, used in logs and replay keys."""
@@ -188,6 +203,8 @@ class Config(Section):
     """The transfer queue."""
     weights: WeightsConfig = WeightsConfig()
     """Weight publication."""
+    replay: ReplayConfig = ReplayConfig()
+    """The Redis replay mirror behind `asyncrl replay`."""
 
     @model_validator(mode="after")
     def _sync_fits_staleness(self) -> "Config":

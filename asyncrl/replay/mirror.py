@@ -1,0 +1,339 @@
+"""The replay mirror: a queue observer that copies every accepted, dropped and rejected group to Redis.
+
+The queue calls `on_accept`/`on_drop`/`on_reject` on its own thread, so those only append a
+reference to the group's frames to a bounded buffer and return: no Redis I/O, no decoding, no
+copy. A background thread decodes the summary fields and writes batches in one MULTI/EXEC
+pipeline each. When the buffer is full (Redis slow or gone) a record is lost and counted; when a
+batch fails after redis-py's own retries, its records are lost and counted. The counts are in
+`stats()`, in the log, and in the run's meta hash once Redis answers again. Retention (groups and
+bytes per run, runs in total) is enforced by a Lua script at every write, so nothing grows
+without bound. Must never block the queue or raise into it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable, Optional
+
+import numpy as np
+import redis
+
+from asyncrl.queue.codec import ProtocolError, decode_group
+from asyncrl.replay.store import FRAME_FIELDS, RUNS_KEY, ReplayStore, RunKeys, connect, redact
+
+log = logging.getLogger("asyncrl.replay")
+
+# Indexes a group the first time it is written (a drop of an already mirrored group only updates
+# its fields), then deletes the oldest groups while the run is over its group or byte limit.
+# Group keys are built inside the script, so the layout needs a single Redis, not a cluster.
+_INDEX_AND_TRIM = """
+local meta, by_seq, by_version, by_reward = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local gid = ARGV[1]
+if redis.call('HSETNX', KEYS[1], 'indexed', '1') == 1 then
+  local seq = redis.call('HINCRBY', meta, 'seq', 1)
+  redis.call('HSET', KEYS[1], 'seq', seq)
+  redis.call('ZADD', by_seq, seq, gid)
+  redis.call('ZADD', by_version, ARGV[2], gid)
+  redis.call('ZADD', by_reward, ARGV[3], gid)
+  redis.call('HINCRBY', meta, 'bytes', ARGV[4])
+end
+local maxlen, max_bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
+local n = redis.call('ZCARD', by_seq)
+local bytes = tonumber(redis.call('HGET', meta, 'bytes') or '0')
+local trimmed = 0
+while n > maxlen or (bytes > max_bytes and n > 1) do
+  local old = redis.call('ZPOPMIN', by_seq)[1]
+  local key = ARGV[7] .. old
+  bytes = bytes - tonumber(redis.call('HGET', key, 'nbytes') or '0')
+  redis.call('UNLINK', key)
+  redis.call('ZREM', by_version, old)
+  redis.call('ZREM', by_reward, old)
+  n = n - 1
+  trimmed = trimmed + 1
+end
+redis.call('HSET', meta, 'bytes', bytes)
+if trimmed > 0 then redis.call('HINCRBY', meta, 'trimmed', trimmed) end
+return n
+"""
+
+
+class ReplayMirror:
+    """QueueObserver writing to Redis in the background; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        run: str,
+        *,
+        meta: Optional[dict] = None,
+        maxlen: int = 10000,
+        max_bytes: int = 1 << 30,
+        max_runs: int = 16,
+        buffer: int = 1024,
+        buffer_bytes: int = 256 << 20,
+        learner_version: Callable[[], int] = lambda: 0,
+        batch_records: int = 64,
+        batch_bytes: int = 16 << 20,
+        warn_every_s: float = 30.0,
+    ):
+        self.url = url
+        self.run = run
+        self.keys = RunKeys(run)
+        self.meta = dict(meta or {})
+        self.maxlen = maxlen
+        self.max_bytes = max_bytes
+        self.max_runs = max_runs
+        self.buffer = buffer
+        self.buffer_bytes = buffer_bytes
+        self.batch_records = batch_records
+        self.batch_bytes = batch_bytes
+        self.warn_every_s = warn_every_s
+        self._learner_version = learner_version
+        self._r = connect(url)  # connects lazily: no I/O on the caller's thread
+        self._index = self._r.register_script(_INDEX_AND_TRIM)
+        self._cond = threading.Condition()
+        self._buf: deque = deque()
+        self._buf_bytes = 0
+        self._in_flight = 0
+        self._closing = False
+        self._abandoned = False
+        self._registered = False
+        self._failing = False
+        self._last_warn = 0.0
+        self.written = 0
+        self.lost_buffer_full = 0
+        self.lost_redis = 0
+        self.last_error = ""
+        self._thread = threading.Thread(target=self._loop, name=f"replay-mirror[{run}]", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, cfg, learner_version: Callable[[], int] = lambda: 0) -> "ReplayMirror":
+        """The mirror `cfg.replay` describes, recording `cfg` so that `show` can rebuild the tokenizer."""
+        rc = cfg.replay
+        meta = {
+            "config": json.dumps(cfg.model_dump(mode="json")),
+            "task": cfg.task.name,
+            # Informational only (`show` rebuilds the real one from the config): digit tasks use the
+            # built-in character vocabulary, task 'dataset' the model's own tokenizer.
+            "tokenizer": cfg.model.path if cfg.task.name == "dataset" else "char",
+            "queue": cfg.queue.address,
+        }
+        return cls(rc.redis_url, cfg.run_name, meta=meta, maxlen=rc.maxlen, max_bytes=rc.max_bytes,
+                   max_runs=rc.max_runs, buffer=rc.buffer, buffer_bytes=rc.buffer_bytes, learner_version=learner_version)
+
+    # -- QueueObserver: called on the queue's thread; append and return ------------------------
+
+    def on_accept(self, group_id: str, frames: list) -> None:
+        self._offer(("accept", group_id, "", frames, self._learner_version(), time.time()), sum(len(f) for f in frames))
+
+    def on_drop(self, group_id: str, reason: str, frames: list) -> None:
+        self._offer(("drop", group_id, reason, frames, self._learner_version(), time.time()), sum(len(f) for f in frames))
+
+    def on_reject(self, code: str, detail: str) -> None:
+        self._offer(("reject", "", code, detail[:1000], self._learner_version(), time.time()), 0)
+
+    def _offer(self, record: tuple, nbytes: int) -> None:
+        with self._cond:
+            if (
+                self._closing
+                or len(self._buf) >= self.buffer
+                or (self._buf and self._buf_bytes + nbytes > self.buffer_bytes)
+            ):
+                self.lost_buffer_full += 1
+                return
+            self._buf.append((record, nbytes))
+            self._buf_bytes += nbytes
+            self._cond.notify()
+
+    # -- reporting and shutdown ----------------------------------------------------------------
+
+    @property
+    def lost(self) -> int:
+        return self.lost_buffer_full + self.lost_redis
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {
+                "written": self.written,
+                "lost": self.lost,
+                "lost_buffer_full": self.lost_buffer_full,
+                "lost_redis": self.lost_redis,
+                "buffered": len(self._buf) + self._in_flight,
+                "buffered_bytes": self._buf_bytes,
+                "connected": not self._failing,
+                "last_error": self.last_error,
+            }
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every buffered record is written or lost; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._buf or self._in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout_s: float = 5.0) -> dict:
+        """Write what is buffered within `timeout_s`, count the rest as lost, stop; returns stats()."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+        with self._cond:
+            if self._thread.is_alive():
+                # Redis hangs: give up on what is left; the daemon thread's batch in flight is lost too.
+                self._abandoned = True
+                self.lost_redis += len(self._buf) + self._in_flight
+                self._buf.clear()
+                self._buf_bytes = 0
+                self._in_flight = 0
+                self._cond.notify_all()
+        stats = self.stats()
+        if stats["lost"]:
+            log.warning("replay mirror of run %r lost %d records (%s)", self.run, stats["lost"], stats)
+        self._r.close()
+        return stats
+
+    # -- writer thread -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._buf and not self._closing:
+                    self._cond.wait()
+                if not self._buf:
+                    break
+                batch, size = [], 0
+                while self._buf and len(batch) < self.batch_records and (not batch or size < self.batch_bytes):
+                    record, nbytes = self._buf.popleft()
+                    batch.append(record)
+                    size += nbytes
+                self._buf_bytes -= size
+                self._in_flight = len(batch)
+            ok = self._write(batch)
+            with self._cond:
+                if not self._abandoned:
+                    if ok:
+                        self.written += len(batch)
+                    else:
+                        self.lost_redis += len(batch)
+                    self._in_flight = 0
+                self._cond.notify_all()
+                if self._abandoned:
+                    return
+        self._persist_lost()
+
+    def _write(self, batch: list) -> bool:
+        try:
+            if not self._registered:
+                self._register()
+            pipe = self._r.pipeline(transaction=True)
+            for record in batch:
+                self._add(pipe, record)
+            now = time.time()
+            pipe.hset(self.keys.meta, mapping={"last_ts": now, "lost": self.lost})
+            pipe.zadd(RUNS_KEY, {self.run: now})
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            self._registered = False  # a restarted Redis may have lost the run's meta hash
+            self._failing = True
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() - self._last_warn > self.warn_every_s:
+                self._last_warn = time.monotonic()
+                log.warning("replay mirror: Redis at %s failed (%s); %d records lost so far, the queue goes on",
+                            redact(self.url), self.last_error, self.lost + len(batch))
+            return False
+        if self._failing:
+            self._failing = False
+            log.info("replay mirror: Redis at %s answers again; %d records were lost", redact(self.url), self.lost)
+        return True
+
+    def _register(self) -> None:
+        now = time.time()
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hsetnx(self.keys.meta, "first_ts", now)
+        pipe.hset(self.keys.meta, mapping={**self.meta, "run": self.run, "maxlen": self.maxlen,
+                                           "max_bytes": self.max_bytes, "last_ts": now})
+        pipe.zadd(RUNS_KEY, {self.run: now})
+        pipe.execute()
+        store = ReplayStore(self._r, self.url)
+        for old in [n for n in store.runs()[self.max_runs :] if n != self.run]:
+            log.info("replay mirror: deleting run %r, beyond replay.max_runs=%d", old, self.max_runs)
+            store.delete_run(old)
+        self._registered = True
+
+    def _add(self, pipe, record: tuple) -> None:
+        kind, gid, reason, payload, learner_version, ts = record
+        keys = self.keys
+        if kind == "reject":
+            pipe.xadd(keys.events, {"kind": "reject", "reason": reason, "detail": payload, "learner_version": learner_version,
+                                    "ts": ts}, maxlen=self.maxlen, approximate=True)
+            pipe.hincrby(keys.rejects, reason, 1)
+            pipe.hincrby(keys.meta, "rejected", 1)
+            return
+        try:
+            group = decode_group(payload)
+        except ProtocolError as exc:  # the queue validated it, so this is a bug worth a loud line
+            log.error("replay mirror: cannot decode group %s: %s", gid, exc)
+            return
+        versions = np.concatenate([s.versions for s in group.samples])
+        version = int(versions.min())
+        rewards = group.rewards
+        reward = float(np.mean(rewards))
+        tokens = int(sum(len(s.tokens) for s in group.samples))
+        nbytes = sum(len(f) for f in payload)
+        summary = {
+            "status": "dropped" if kind == "drop" else "accepted",
+            "reason": reason,
+            "version": version,
+            "max_version": int(versions.max()),
+            "learner_version": learner_version,
+            "staleness": max(0, learner_version - version),
+            "reward": reward,
+            "samples": len(group.samples),
+            "tokens": tokens,
+            "task": group.task,
+            "engine": group.engine_id,
+            "nbytes": nbytes,
+        }
+        fields = {
+            **summary,
+            "rewards": json.dumps(rewards),
+            "lens": json.dumps([len(s.tokens) for s in group.samples]),
+            "finish": json.dumps([s.finish_reason for s in group.samples]),
+            "seed": group.seed,
+            "ref": group.reference,
+            "timings": json.dumps(group.timings),
+            "ts" if kind == "accept" else "dropped_ts": ts,
+        }
+        # Frames go as memoryviews: redis-py sends large values without joining them into one copy.
+        fields.update({name: memoryview(frame) for name, frame in zip(FRAME_FIELDS, payload)})
+        pipe.hset(keys.group(gid), mapping=fields)
+        self._index(
+            keys=[keys.group(gid), keys.meta, keys.by_seq, keys.by_version, keys.by_reward],
+            args=[gid, version, reward, nbytes, self.maxlen, self.max_bytes, keys.group_prefix],
+            client=pipe,
+        )
+        pipe.xadd(keys.events, {"kind": kind, "group": gid, "ts": ts,
+                                **{k: summary[k] for k in ("reason", "version", "learner_version", "staleness", "reward",
+                                                            "samples", "tokens", "task", "engine")}},
+                  maxlen=self.maxlen, approximate=True)
+        pipe.hincrby(keys.meta, "accepted" if kind == "accept" else "dropped", 1)
+        if kind == "drop":
+            pipe.hincrby(keys.drops, reason, 1)
+
+    def _persist_lost(self) -> None:
+        """Best-effort final write of the lost count, so `asyncrl replay runs` shows it."""
+        if not self.lost:
+            return
+        try:
+            self._r.hset(self.keys.meta, "lost", self.lost)
+        except (redis.RedisError, OSError):
+            pass  # Redis is gone; the count is in stats() and the log
