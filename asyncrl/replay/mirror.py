@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 import redis
 
-from asyncrl.queue.codec import ProtocolError, decode_group
+from asyncrl.queue.codec import unpack_header
 from asyncrl.replay.store import FRAME_FIELDS, RUNS_KEY, ReplayStore, RunKeys, connect, redact
 
 log = logging.getLogger("asyncrl.replay")
@@ -278,16 +278,13 @@ class ReplayMirror:
             pipe.hincrby(keys.rejects, reason, 1)
             pipe.hincrby(keys.meta, "rejected", 1)
             return
-        try:
-            group = decode_group(payload)
-        except ProtocolError as exc:  # the queue validated it, so this is a bug worth a loud line
-            log.error("replay mirror: cannot decode group %s: %s", gid, exc)
-            return
-        versions = np.concatenate([s.versions for s in group.samples])
+        # The queue validated the group already: read only the small header and the versions
+        # frame here, since this thread shares the GIL with the queue.
+        header = unpack_header(bytes(payload[0]))
+        versions = np.frombuffer(memoryview(payload[4]), dtype="<i4")
+        lens, rewards = header["lens"], header["rewards"]
         version = int(versions.min())
-        rewards = group.rewards
-        reward = float(np.mean(rewards))
-        tokens = int(sum(len(s.tokens) for s in group.samples))
+        reward = float(sum(rewards) / len(rewards))
         nbytes = sum(len(f) for f in payload)
         summary = {
             "status": "dropped" if kind == "drop" else "accepted",
@@ -297,23 +294,22 @@ class ReplayMirror:
             "learner_version": learner_version,
             "staleness": max(0, learner_version - version),
             "reward": reward,
-            "samples": len(group.samples),
-            "tokens": tokens,
-            "task": group.task,
-            "engine": group.engine_id,
+            "samples": len(lens),
+            "tokens": int(sum(lens)),
+            "task": str(header.get("task", "")),
+            "engine": str(header.get("engine", "")),
             "nbytes": nbytes,
         }
         fields = {
             **summary,
             "rewards": json.dumps(rewards),
-            "lens": json.dumps([len(s.tokens) for s in group.samples]),
-            "finish": json.dumps([s.finish_reason for s in group.samples]),
-            "seed": group.seed,
-            "ref": group.reference,
-            "timings": json.dumps(group.timings),
+            "lens": json.dumps(lens),
+            "finish": json.dumps(header["finish"]),
+            "seed": int(header.get("seed", 0)),
+            "ref": str(header.get("ref", "")),
+            "timings": json.dumps(header.get("timings", {})),
             "ts" if kind == "accept" else "dropped_ts": ts,
         }
-        # Frames go as memoryviews: redis-py sends large values without joining them into one copy.
         fields.update({name: memoryview(frame) for name, frame in zip(FRAME_FIELDS, payload)})
         pipe.hset(keys.group(gid), mapping=fields)
         self._index(
