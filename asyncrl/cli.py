@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -89,7 +90,7 @@ def learner(config_path: Optional[str], overrides: tuple[str, ...], out: Optiona
     stop = StopFlag()
     queue_thread = None
     if serve_queue:
-        queue_thread = threading.Thread(target=_serve_queue, args=(cfg, stop), name="queue", daemon=True)
+        queue_thread = threading.Thread(target=_serve_queue, args=(cfg, stop, 10.0), name="queue", daemon=True)
         queue_thread.start()
     from asyncrl.learner.trainer import Learner
 
@@ -97,11 +98,12 @@ def learner(config_path: Optional[str], overrides: tuple[str, ...], out: Optiona
     try:
         version = trainer.run(stop)
         logging.getLogger("asyncrl.learner").info("stopped at policy version %d", version)
+        if queue_thread is not None:
+            # The queue closes when training ends and lingers until the rollout servers have
+            # heard; weights stay served meanwhile, so no rollout server waits on a dead socket.
+            queue_thread.join(timeout=15)
     finally:
         trainer.close()
-    if queue_thread is not None:
-        stop._event.set()
-        queue_thread.join(timeout=2)
 
 
 @main.command()
@@ -128,7 +130,9 @@ def queue() -> None:
     """The transfer queue."""
 
 
-def _serve_queue(cfg: Config, stop) -> None:
+def _serve_queue(cfg: Config, stop, linger_s: float = 0.0) -> None:
+    """Serve until `stop()`; with `linger_s`, also stop once the queue is closed and producers have
+    gone quiet (1 s without a request, at most linger_s), so that each sees the close and exits."""
     from asyncrl.queue.server import QueueServer, QueueSettings
 
     settings = QueueSettings(
@@ -147,8 +151,19 @@ def _serve_queue(cfg: Config, stop) -> None:
         mirror = ReplayMirror.from_config(cfg, learner_version=lambda: server.learner_version)
         server.observers.append(mirror)
     logging.getLogger("asyncrl.queue").info("serving on %s", server.address)
+    closed_at: list[float] = []
+
+    def should_stop() -> bool:
+        if stop():
+            return True
+        if not (linger_s and server.closed):
+            return False
+        now = time.monotonic()
+        closed_at[:1] = closed_at[:1] or [now]
+        return now - server.last_request > 1.0 or now - closed_at[0] > linger_s
+
     try:
-        server.serve(stop)
+        server.serve(should_stop)
     finally:
         logging.getLogger("asyncrl.queue").info("final stats %s", json.dumps(server.snapshot()))
         server.close()

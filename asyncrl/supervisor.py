@@ -132,7 +132,10 @@ class Supervisor:
                 if self.learner.proc.poll() is not None:
                     return self._learner_done(last_record)
                 for child in self.children:
-                    if child.proc.poll() is not None:
+                    # A rollout server exits 0 only when the queue told it the run is over; the
+                    # learner may still be shutting down, and its exit decides the outcome.
+                    rc = child.proc.poll()
+                    if rc is not None and not (child in self.rollouts and rc == 0):
                         return self._child_died(child)
                 time.sleep(0.25)
 

@@ -75,3 +75,29 @@ def test_ctrl_c_stops_every_child(tmp_path):
     assert "interrupted" in stderr
     for pid in children:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_separate_learner_and_rollout_processes_train_together(tmp_path):
+    """`asyncrl learner` serves the queue itself; any number of `asyncrl rollout` join it by address."""
+    ports = port_overrides()
+    common = ["--config", "configs/quickstart.yaml", *ports, "learner.steps=30", "learner.groups_per_step=4"]
+    base = [sys.executable, "-m", "asyncrl.cli"]
+    learner = subprocess.Popen([*base, "learner", "--out", str(tmp_path), *common], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    rollouts = [
+        subprocess.Popen([*base, "rollout", "--index", str(i), *common], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    try:
+        _, learner_err = learner.communicate(timeout=120)
+        assert learner.returncode == 0, learner_err[-2000:]
+        for proc in rollouts:
+            # The learner closes the queue when done; rollout servers then stop by themselves.
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err[-2000:]
+    finally:
+        for proc in [learner, *rollouts]:
+            if proc.poll() is None:
+                proc.kill()
+    records = read_records(tmp_path)
+    assert len(records) == 30
+    assert max(r["staleness_max"] for r in records) <= 1

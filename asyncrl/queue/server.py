@@ -116,6 +116,7 @@ class QueueServer:
         self.observers: list[QueueObserver] = []
         self.learner_version = 0
         self.closed = False
+        self.last_request = time.monotonic()
         self._entries: dict[str, _Entry] = {}
         self._ready: list[tuple[int, int, str]] = []  # (behaviour version, arrival, id): oldest first
         self._leases: dict[int, _Lease] = {}
@@ -168,6 +169,7 @@ class QueueServer:
         except zmq.Again:
             return False
         identity = frames[0].bytes
+        self.last_request = time.monotonic()
         reply, payload = self._dispatch(frames[1:])
         self.socket.send_multipart([identity, pack(reply), *payload], copy=False)
         return True
