@@ -81,20 +81,31 @@ def run(config_path: str, overrides: tuple[str, ...], out: Optional[str]) -> Non
 @main.command()
 @config_option
 @overrides_arg
-@click.option("--out", default=None, help="Output directory for metrics.jsonl.")
+@click.option("--out", default=None, help="Output directory: metrics.jsonl, checkpoints/, trained_groups.jsonl.")
 @click.option("--queue/--no-queue", "serve_queue", default=True, help="Serve the transfer queue inside this process.")
-def learner(config_path: Optional[str], overrides: tuple[str, ...], out: Optional[str], serve_queue: bool) -> None:
-    """Train on groups from the queue and publish weight versions."""
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint under <out>/checkpoints.")
+def learner(config_path: Optional[str], overrides: tuple[str, ...], out: Optional[str], serve_queue: bool, resume: bool) -> None:
+    """Train on groups from the queue and publish weight versions.
+
+    Several ranks (learner.backend=deepspeed): start it under torchrun or the deepspeed launcher;
+    rank 0 serves the queue (unless --no-queue), takes batches and publishes weights.
+    """
     _setup_logging()
     cfg = _load(config_path, overrides, out)
     stop = StopFlag()
+    from asyncrl.learner.distributed import Ranks
+
+    ranks = Ranks.from_env()
     queue_thread = None
-    if serve_queue:
+    if serve_queue and ranks.is_main:
         queue_thread = threading.Thread(target=_serve_queue, args=(cfg, stop, 10.0), name="queue", daemon=True)
         queue_thread.start()
     from asyncrl.learner.trainer import Learner
 
-    trainer = Learner(cfg, Path(cfg.out) if cfg.out else None)
+    out_dir = Path(cfg.out) if cfg.out else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Learner(cfg, out_dir, resume=resume)
     try:
         version = trainer.run(stop)
         logging.getLogger("asyncrl.learner").info("stopped at policy version %d", version)
@@ -104,6 +115,16 @@ def learner(config_path: Optional[str], overrides: tuple[str, ...], out: Optiona
             queue_thread.join(timeout=15)
     finally:
         trainer.close()
+    if ranks.distributed:
+        import os
+
+        import torch.distributed
+
+        # DeepSpeed's ZeRO-3 hooks can abort the interpreter's normal shutdown; leave directly.
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @main.command()

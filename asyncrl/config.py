@@ -118,6 +118,18 @@ class LearnerConfig(Section):
     """Seed of the learner's own randomness."""
     batch_timeout_s: float = Field(300.0, gt=0.0)
     """Give up with an error when no batch arrives for this long."""
+    micro_batch_tokens: int = Field(0, ge=0)
+    """Padded tokens (rows x (prompt + response length)) per forward/backward; larger batches are split and their gradients accumulated. 0: the whole batch at once."""
+    recompute_prox: bool = False
+    """Recompute proximal log-probs in a separate no-grad forward; false reuses the training forward (exact: one optimizer step per batch, weights unchanged)."""
+    backend: Literal["torch", "deepspeed"] = "torch"
+    """Training backend: plain torch (one rank) or DeepSpeed ZeRO (ranks from torchrun or the deepspeed launcher)."""
+    zero_stage: int = Field(2, ge=0, le=3)
+    """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save a checkpoint every this many steps (and at the end) under <out>/checkpoints; 0 disables. Queue acks wait for the checkpoint."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Newest checkpoints kept on disk; older ones are deleted."""
 
 
 class LossConfig(Section):
@@ -145,6 +157,23 @@ class LossConfig(Section):
     """Per-token PPO ratio, or GSPO's length-normalised sequence ratio."""
     agg: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
     """How per-token losses are reduced to one number."""
+    kl_coef: float = Field(0.0, ge=0.0)
+    """Weight of the KL penalty to a frozen reference model (the initial policy); 0 builds no reference model."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimator: k3 in the loss (GRPO's choice), k1 in the reward."""
+    kl_in_reward: bool = False
+    """Subtract kl_coef x the sequence's summed KL from its reward before advantages, instead of adding it to the loss."""
+    entropy_coef: float = Field(0.0, ge=0.0)
+    """Weight of the entropy bonus; > 0 computes per-token entropy from the logits."""
+
+
+class TrackingConfig(Section):
+    tensorboard: bool = False
+    """Also write metrics as TensorBoard scalars under <out>/tensorboard."""
+    wandb: bool = False
+    """Also log metrics to Weights & Biases, offline (files under <out>/wandb; `wandb sync` uploads them later)."""
+    wandb_project: str = "asyncrl"
+    """W&B project name."""
 
 
 class QueueConfig(Section):
@@ -203,6 +232,8 @@ class Config(Section):
     """The transfer queue."""
     weights: WeightsConfig = WeightsConfig()
     """Weight publication."""
+    tracking: TrackingConfig = TrackingConfig()
+    """Where metrics go besides metrics.jsonl."""
     replay: ReplayConfig = ReplayConfig()
     """The Redis replay mirror behind `asyncrl replay`."""
 
