@@ -192,6 +192,14 @@ class QueueConfig(Section):
 class WeightsConfig(Section):
     address: str = "tcp://127.0.0.1:5556"
     """Where the learner serves weight versions and rollout servers fetch them."""
+    bucket_bytes: int = Field(64 << 20, ge=1024)
+    """Size of the buckets a version is copied out and sent in; bounds the learner's extra memory per step of a sharded gather."""
+    transport: Literal["zmq", "shm"] = "zmq"
+    """How this rollout server's engine gets the buckets: over the ZeroMQ socket, or by mapping the learner's shared-memory file (same host; falls back to zmq when the learner keeps none)."""
+    shm_dir: Optional[str] = None
+    """Directory on a shared-memory file system (e.g. /dev/shm) where the learner keeps each version for 'shm' engines; null keeps versions in the learner's memory."""
+    update_mode: Literal["drain", "interrupt"] = "drain"
+    """At a new version: 'drain' finishes the running generation batch, then swaps; 'interrupt' stops it between decode steps, swaps, and continues the same samples (per-token versions stay exact)."""
 
 
 class ReplayConfig(Section):

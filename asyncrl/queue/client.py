@@ -15,7 +15,7 @@ from typing import Optional
 import zmq
 
 from asyncrl.protocol import TrajectoryGroup
-from asyncrl.queue.codec import GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, decode_group, encode_group, pack, unpack_header
+from asyncrl.queue.codec import GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, decode_groups, encode_group, pack, unpack_header
 
 
 class QueueTimeout(TimeoutError):
@@ -176,7 +176,7 @@ class QueueConsumer(_Client):
         per = 1 + GROUP_FRAMES
         if len(frames) != count * per:
             raise ProtocolError("bad_frames", f"batch reply has {len(frames)} frames for {count} groups")
-        batch = [decode_group([f.buffer for f in frames[i * per : (i + 1) * per]], self.vocab_size) for i in range(count)]
+        batch = decode_groups([f.buffer for f in frames], count, self.vocab_size)
         return int(reply["lease"]), batch, False
 
     def get_batch(
@@ -205,3 +205,24 @@ class QueueConsumer(_Client):
     def close_queue(self) -> None:
         """Tell producers the run is over: tickets are refused from now on."""
         self.request("close")
+
+
+def queue_metrics(stats: dict) -> dict[str, float]:
+    """Flatten a `stats` reply into `{"queue/<name>": number}` for a metrics log line.
+
+    Counters by reason become `queue/dropped_<reason>` and `queue/rejected_<code>`; the staleness
+    histogram becomes `queue/staleness_<k>` plus `queue/staleness_mean` of trained groups.
+    """
+    flat: dict[str, float] = {}
+    for key, value in stats.items():
+        if isinstance(value, bool):
+            flat[f"queue/{key}"] = float(value)
+        elif isinstance(value, (int, float)):
+            flat[f"queue/{key}"] = value
+        elif key in ("dropped", "rejected", "staleness") and isinstance(value, dict):
+            for name, count in value.items():
+                flat[f"queue/{key}_{name}"] = count
+    histogram = {int(k): v for k, v in stats.get("staleness", {}).items()}
+    if histogram:
+        flat["queue/staleness_mean"] = sum(k * v for k, v in histogram.items()) / sum(histogram.values())
+    return flat

@@ -59,8 +59,8 @@ def _field(header: dict, key: str, kinds: tuple, where: str = "group") -> Any:
     return value
 
 
-def encode_group(group: TrajectoryGroup) -> list[bytes]:
-    """Header + 4 raw frames; see docs/protocol.md."""
+def encode_group(group: TrajectoryGroup) -> list:
+    """Header + 4 raw frames (bytes-like: `len` is the byte count); see docs/protocol.md."""
     samples = group.samples
     header = {
         "id": group.group_id,
@@ -73,16 +73,20 @@ def encode_group(group: TrajectoryGroup) -> list[bytes]:
         "rewards": [float(s.reward) for s in samples],
         "finish": [s.finish_reason for s in samples],
     }
-    tokens = np.concatenate([np.asarray(s.tokens, _TOKENS) for s in samples]) if samples else np.empty(0, _TOKENS)
-    logprobs = np.concatenate([np.asarray(s.behav_logprobs, _FLOATS) for s in samples]) if samples else np.empty(0, _FLOATS)
-    versions = np.concatenate([np.asarray(s.versions, _TOKENS) for s in samples]) if samples else np.empty(0, _TOKENS)
+    # One copy per frame: concatenate writes straight into the buffer that becomes the frame.
     return [
         pack(header),
-        np.ascontiguousarray(group.prompt_tokens, _TOKENS).tobytes(),
-        tokens.tobytes(),
-        logprobs.tobytes(),
-        versions.tobytes(),
+        np.ascontiguousarray(group.prompt_tokens, _TOKENS).data.cast("B"),
+        _joined([s.tokens for s in samples], _TOKENS),
+        _joined([s.behav_logprobs for s in samples], _FLOATS),
+        _joined([s.versions for s in samples], _TOKENS),
     ]
+
+
+def _joined(arrays: list, dtype: np.dtype) -> memoryview:
+    if not arrays:
+        return memoryview(b"")
+    return np.concatenate(arrays, dtype=dtype, casting="unsafe").data.cast("B")
 
 
 def _array(frame, dtype: np.dtype, count: int, name: str) -> np.ndarray:
@@ -94,10 +98,20 @@ def _array(frame, dtype: np.dtype, count: int, name: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=dtype)
 
 
-def decode_group(
-    frames: list, vocab_size: Optional[int] = None, max_version: Optional[int] = None
-) -> TrajectoryGroup:
-    """Validate and decode one group; arrays are views on the received frames (no copy)."""
+_FINISH = frozenset(FINISH_REASONS)
+_U32 = np.dtype("<u4")
+_MIN, _MAX = np.minimum.reduce, np.maximum.reduce  # skip ndarray.min's Python layers on the hot path
+
+
+def _check_ids(ids: np.ndarray, vocab_size: int, name: str, group_id: str) -> None:
+    # Read as unsigned, a negative id is huge, so one reduction checks both ends of the range.
+    if ids.size and int(_MAX(ids.view(_U32))) >= vocab_size:
+        bad = int(_MIN(ids)) if int(_MIN(ids)) < 0 else int(_MAX(ids))
+        raise ProtocolError("bad_token", f"group {group_id}: {name} token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def _parse_header(frames: list) -> tuple[dict, list, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Check one group's header and frame sizes; returns (header, lens, prompt, tokens, logprobs, versions)."""
     if len(frames) != 1 + GROUP_FRAMES:
         raise ProtocolError("bad_frames", f"a group is 1 header + {GROUP_FRAMES} array frames, got {len(frames)} frames")
     header = unpack_header(bytes(frames[0]))
@@ -113,12 +127,13 @@ def decode_group(
         raise ProtocolError(
             "bad_schema", f"group {group_id}: lens/rewards/finish have {len(lens)}/{len(rewards)}/{len(finish)} entries"
         )
-    if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in lens):
+    # `type(x) is int` rather than isinstance: bools are ints to isinstance, and this runs per group.
+    if not all(type(n) is int for n in lens) or min(lens) < 1:
         # Every sample has at least one token, so every sample has a behaviour version.
         raise ProtocolError("bad_schema", f"group {group_id}: lens must be positive integers, got {lens!r}")
-    if any(not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r) for r in rewards):
+    if not all(type(r) is float or type(r) is int for r in rewards) or not all(map(math.isfinite, rewards)):
         raise ProtocolError("bad_value", f"group {group_id}: rewards must be finite numbers, got {rewards!r}")
-    if any(f not in FINISH_REASONS for f in finish):
+    if not all(type(f) is str for f in finish) or not _FINISH.issuperset(finish):
         raise ProtocolError("bad_schema", f"group {group_id}: finish reasons must be one of {FINISH_REASONS}, got {finish!r}")
     prompt = np.frombuffer(memoryview(frames[1]), dtype=_TOKENS) if len(frames[1]) % 4 == 0 else None
     if prompt is None or len(prompt) == 0:
@@ -127,35 +142,115 @@ def decode_group(
     tokens = _array(frames[2], _TOKENS, total, "tokens")
     logprobs = _array(frames[3], _FLOATS, total, "behav_logprobs")
     versions = _array(frames[4], _TOKENS, total, "versions")
-    if not np.isfinite(logprobs).all():
+    return header, lens, prompt, tokens, logprobs, versions
+
+
+def _check_arrays(group_id: str, prompt, tokens, logprobs, versions, vocab_size, max_version) -> int:
+    """Check one group's arrays; returns its behaviour version (the oldest token's)."""
+    low, high = float(_MIN(logprobs)), float(_MAX(logprobs))
+    if not (low > -math.inf and high < math.inf):  # NaN fails every comparison
         raise ProtocolError("bad_value", f"group {group_id}: behav_logprobs hold NaN or inf")
-    if (logprobs > 1e-3).any():
-        raise ProtocolError("bad_value", f"group {group_id}: behav_logprobs must be <= 0, max is {float(logprobs.max())}")
+    if high > 1e-3:
+        raise ProtocolError("bad_value", f"group {group_id}: behav_logprobs must be <= 0, max is {high}")
     if vocab_size is not None:
-        for name, ids in (("prompt", prompt), ("tokens", tokens)):
-            if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-                bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
-                raise ProtocolError("bad_token", f"group {group_id}: {name} token id {bad} is outside the vocabulary [0, {vocab_size})")
-    if versions.size and versions.min() < 0:
-        raise ProtocolError("bad_version", f"group {group_id}: negative version {int(versions.min())}")
-    if max_version is not None and versions.size and versions.max() > max_version:
-        raise ProtocolError(
-            "future_version", f"group {group_id}: version {int(versions.max())} is newer than the learner's {max_version}"
-        )
+        _check_ids(prompt, vocab_size, "prompt", group_id)
+        _check_ids(tokens, vocab_size, "tokens", group_id)
+    oldest, newest = int(_MIN(versions)), int(_MAX(versions))
+    if oldest < 0:
+        raise ProtocolError("bad_version", f"group {group_id}: negative version {oldest}")
+    if max_version is not None and newest > max_version:
+        raise ProtocolError("future_version", f"group {group_id}: version {newest} is newer than the learner's {max_version}")
+    return oldest
+
+
+_JOIN_LIMIT = 1 << 16
+"""Joining copies; above this many tokens per message, per-group checks are cheaper than the copy."""
+
+
+def _parse_many(frames: list, count: int, vocab_size: Optional[int], max_version: Optional[int]) -> list[tuple]:
+    """Validate `count` groups laid end to end; returns each one's parsed parts plus its behaviour version.
+
+    For small groups the array checks run once over all groups joined (a few numpy calls per
+    message instead of a few per group, which is what makes small groups fast); only when that finds a problem are the
+    groups checked one by one, to name the first bad one. A ProtocolError says which group it was.
+    """
+    per = 1 + GROUP_FRAMES
+    if len(frames) != count * per:
+        raise ProtocolError("bad_frames", f"{count} group(s) need {count * per} frames, got {len(frames)}")
+    parsed = []
+    for i in range(count):
+        try:
+            parsed.append(_parse_header(frames[i * per : (i + 1) * per]))
+        except ProtocolError as exc:
+            raise _where(exc, i, count) from None
+    if count == 1 or sum(len(p[3]) for p in parsed) > _JOIN_LIMIT:
+        checked = []
+        for i, p in enumerate(parsed):
+            try:
+                checked.append((*p, _check_arrays(p[0]["id"], *p[2:], vocab_size, max_version)))
+            except ProtocolError as exc:
+                raise _where(exc, i, count) from None
+        return checked
+    join = np.concatenate
+    prompts, tokens, logprobs, versions = (join([p[k] for p in parsed]) for k in (2, 3, 4, 5))
+    starts = np.cumsum([0] + [len(p[5]) for p in parsed[:-1]])
+    try:
+        oldest = np.minimum.reduceat(versions, starts).tolist()
+        _check_arrays("", prompts, tokens, logprobs, versions, vocab_size, max_version)
+    except ProtocolError:
+        for i, p in enumerate(parsed):
+            try:
+                _check_arrays(p[0]["id"], *p[2:], vocab_size, max_version)
+            except ProtocolError as exc:
+                raise _where(exc, i, count) from None
+        raise
+    return [(*p, v) for p, v in zip(parsed, oldest)]
+
+
+def _where(exc: ProtocolError, index: int, count: int) -> ProtocolError:
+    return ProtocolError(exc.code, f"group {index} of {count}: {exc}") if count > 1 else exc
+
+
+def inspect_groups(frames: list, count: int, vocab_size: Optional[int] = None, max_version: Optional[int] = None):
+    """Validate `count` groups as decode_groups does, without building them: [(group id, behaviour version)]."""
+    return [(p[0]["id"], p[6]) for p in _parse_many(frames, count, vocab_size, max_version)]
+
+
+def inspect_group(frames: list, vocab_size: Optional[int] = None, max_version: Optional[int] = None) -> tuple[str, int]:
+    """Validate one group as decode_group does, without building it: (group id, behaviour version)."""
+    return inspect_groups(frames, 1, vocab_size, max_version)[0]
+
+
+def decode_groups(
+    frames: list, count: int, vocab_size: Optional[int] = None, max_version: Optional[int] = None
+) -> list[TrajectoryGroup]:
+    """Validate and decode `count` groups laid end to end (a batch reply, a batched put)."""
+    return [_build(*p[:6]) for p in _parse_many(frames, count, vocab_size, max_version)]
+
+
+def decode_group(
+    frames: list, vocab_size: Optional[int] = None, max_version: Optional[int] = None
+) -> TrajectoryGroup:
+    """Validate and decode one group; arrays are views on the received frames (no copy)."""
+    return decode_groups(frames, 1, vocab_size, max_version)[0]
+
+
+def _build(header: dict, lens: list, prompt, tokens, logprobs, versions) -> TrajectoryGroup:
     samples = []
     start = 0
-    for n, reward, reason in zip(lens, rewards, finish):
+    for n, reward, reason in zip(lens, header["rewards"], header["finish"]):
         end = start + n
         samples.append(Sample(tokens[start:end], logprobs[start:end], versions[start:end], float(reward), reason))
         start = end
     timings = header.get("timings", {})
+    seed = header.get("seed", 0)
     return TrajectoryGroup(
-        group_id=group_id,
+        group_id=header["id"],
         prompt_tokens=prompt,
         samples=samples,
         task=str(header.get("task", "")),
         engine_id=str(header.get("engine", "")),
-        seed=int(header.get("seed", 0)) if isinstance(header.get("seed", 0), int) else 0,
+        seed=seed if type(seed) is int else 0,
         reference=str(header.get("ref", "")),
         timings={str(k): float(v) for k, v in timings.items() if isinstance(v, (int, float))}
         if isinstance(timings, dict)

@@ -30,7 +30,7 @@ from typing import Callable, Optional, Protocol
 import zmq
 
 from asyncrl.queue.admission import Admission, is_stale
-from asyncrl.queue.codec import GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, decode_group, pack, unpack_header
+from asyncrl.queue.codec import GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, inspect_groups, pack, unpack_header
 
 log = logging.getLogger("asyncrl.queue")
 
@@ -272,24 +272,20 @@ class QueueServer:
                 "bad_frames", f"put of {count} group(s) needs {count * _PER_GROUP} frames after the header, got {len(frames)}"
             )
         now = time.monotonic()
-        groups = []
-        for i in range(count):
-            part = frames[i * _PER_GROUP : (i + 1) * _PER_GROUP]
-            try:
-                groups.append((decode_group(part, self.settings.vocab_size, self.learner_version), part))
-            except ProtocolError as exc:
-                # The whole message is refused; the producer will not resend it, so its tickets are spent.
-                for _ in range(count):
-                    self.admission.settle(accepted=False, ticketed=ticketed, engine=engine, now=now)
-                where = f"group {i} of {count}: " if batched else ""
-                raise ProtocolError(exc.code, where + str(exc)) from None
-        statuses = [self._accept(group, part, ticketed, engine, now) for group, part in groups]
+        try:
+            checked = inspect_groups(frames, count, self.settings.vocab_size, self.learner_version)
+        except ProtocolError:
+            # The whole message is refused; the producer will not resend it, so its tickets are spent.
+            for _ in range(count):
+                self.admission.settle(accepted=False, ticketed=ticketed, engine=engine, now=now)
+            raise
+        groups = [(gid, version, frames[i * _PER_GROUP : (i + 1) * _PER_GROUP]) for i, (gid, version) in enumerate(checked)]
+        statuses = [self._accept(gid, version, part, ticketed, engine, now) for gid, version, part in groups]
         if batched:
             return {"ok": True, "statuses": statuses, "accepted": statuses.count("accepted")}, []
         return {"ok": True, "status": statuses[0]}, []
 
-    def _accept(self, group, frames: list, ticketed: bool, engine: str, now: float) -> str:
-        gid = group.group_id
+    def _accept(self, gid: str, behaviour_version: int, frames: list, ticketed: bool, engine: str, now: float) -> str:
         if self._known(gid):
             self.stats.duplicates += 1
             return "duplicate"
@@ -298,7 +294,7 @@ class QueueServer:
             self.stats.waits += 1
             return "wait"
         self.admission.settle(accepted=True, ticketed=ticketed, engine=engine, now=now)
-        entry = _Entry(gid, list(frames), nbytes, group.behaviour_version)
+        entry = _Entry(gid, list(frames), nbytes, behaviour_version)
         self._entries[gid] = entry
         self._bytes += nbytes
         heapq.heappush(self._ready, (entry.behaviour_version, next(self._arrival), gid))

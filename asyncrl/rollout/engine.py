@@ -19,13 +19,19 @@ Design decisions, in the order a reader meets them:
   top-p, renormalised; see `sampling.py`), which is what the learner's importance weights need.
 - Weights swap under a lock, and only after every tensor has been checked, so a generate call
   never sees half a version (ARCHITECTURE.md, contract 6).
+- Interruptible generation for weight updates (`generate_versioned`): between decode steps the
+  caller may ask to stop; unfinished samples come back marked 'abort' with what they have so far,
+  and passing them back continues them (prompt + tokens so far are prefilled again with the new
+  weights). Every token carries the version that produced it, so staleness and importance weights
+  stay exact across the swap. `paused()` holds off generation around a swap and always lets go.
 """
 
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 import torch
 from transformers import DynamicCache
@@ -69,6 +75,18 @@ class Completion:
     """'stop': a stop or end-of-sequence token was sampled; 'length': max_new_tokens was reached."""
 
 
+@dataclass
+class VersionedCompletion:
+    tokens: list[int]
+    """Response token ids so far, including the stop token when one ended the response."""
+    logprobs: list[float]
+    """Behaviour log-prob of each token under the distribution it was sampled from."""
+    versions: list[int]
+    """Weight version that produced each token."""
+    finish_reason: Literal["stop", "length", "abort"]
+    """'abort': interrupted (for a weight update) before finishing; hand it back to continue it."""
+
+
 class TorchEngine:
     def __init__(self, model: torch.nn.Module, eos_token_id: int, pad_token_id: int, device: str = "cpu"):
         self.device = torch.device(device)
@@ -76,7 +94,9 @@ class TorchEngine:
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.version = 0
-        self._lock = threading.Lock()
+        self.is_paused = False
+        # Re-entrant so that load_weights can run inside paused() on the same thread.
+        self._lock = threading.RLock()
 
     @torch.inference_mode()
     def generate(
@@ -87,7 +107,7 @@ class TorchEngine:
             return []
         self._check_request(prompts, params, generator)
         with self._lock:
-            tokens, logprobs, lengths, stopped = self._decode(prompts, params, generator)
+            tokens, logprobs, lengths, stopped, _ = self._decode(prompts, params, generator)
         tokens, logprobs, lengths, stopped = (t.tolist() for t in (tokens, logprobs, lengths, stopped))
         completions = [
             Completion(tokens[row][:length], logprobs[row][:length], "stop" if stop else "length")
@@ -96,34 +116,104 @@ class TorchEngine:
         n = params.n
         return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    def _decode(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None):
-        """Prefill then decode; returns per-row tokens [B, T], logprobs [B, T], lengths [B], stopped [B]."""
-        rows = [prompt for prompt in prompts for _ in range(params.n)]
+    @torch.inference_mode()
+    def generate_versioned(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+        partials: list[list[VersionedCompletion]] | None = None,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> list[list[VersionedCompletion]]:
+        """Like `generate`, but resumable and with per-token versions.
+
+        `partials` (one list of params.n per prompt, as returned by an interrupted call) continue
+        from the tokens they hold; finished ones are passed through unchanged. `interrupt` is asked
+        between decode steps; when it returns True the call returns at once, unfinished samples
+        marked 'abort'.
+        """
+        if not prompts:
+            return []
+        self._check_request(prompts, params, generator)
+        if partials is None:
+            partials = [[VersionedCompletion([], [], [], "abort") for _ in range(params.n)] for _ in prompts]
+        if len(partials) != len(prompts) or any(len(group) != params.n for group in partials):
+            raise ValueError(f"partials must hold params.n={params.n} completions for each of the {len(prompts)} prompts")
+        todo = [(i, j) for i, group in enumerate(partials) for j, c in enumerate(group) if c.finish_reason == "abort"]
+        result = [[VersionedCompletion(list(c.tokens), list(c.logprobs), list(c.versions), c.finish_reason) for c in group]
+                  for group in partials]
+        for i, j in todo:
+            if len(result[i][j].tokens) >= params.max_new_tokens:
+                raise ValueError(f"partial {j} of prompt {i} already has {len(result[i][j].tokens)} tokens, "
+                                 f"max_new_tokens={params.max_new_tokens}; it should have finished as 'length'")
+        if not todo:
+            return result
+        rows = [prompts[i] + result[i][j].tokens for i, j in todo]
+        budgets = [params.max_new_tokens - len(result[i][j].tokens) for i, j in todo]
+        with self._lock:
+            version = self.version
+            tokens, logprobs, lengths, stopped, done = self._decode(rows, params, generator, budgets, interrupt)
+        tokens, logprobs, lengths, stopped, done = (t.tolist() for t in (tokens, logprobs, lengths, stopped, done))
+        for row, (i, j) in enumerate(todo):
+            c, length = result[i][j], lengths[row]
+            c.tokens += tokens[row][:length]
+            c.logprobs += logprobs[row][:length]
+            c.versions += [version] * length
+            c.finish_reason = "stop" if stopped[row] else "length" if done[row] else "abort"
+        return result
+
+    @contextmanager
+    def paused(self) -> Iterator["TorchEngine"]:
+        """No generation runs while this is held (it waits for a running call to return first);
+        released on every exit, exceptions included, so nothing can leave the engine paused."""
+        with self._lock:
+            self.is_paused = True
+            try:
+                yield self
+            finally:
+                self.is_paused = False
+
+    def _decode(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None,
+                budgets: list[int] | None = None, interrupt: Callable[[], bool] | None = None):
+        """Prefill then decode; returns per-row tokens [B, T], logprobs [B, T], lengths [B], stopped [B], done [B].
+
+        `budgets` are per-row token limits (default max_new_tokens for each of the n rows per
+        prompt, prompt-major); `interrupt` is asked between decode steps, and when it says so the
+        rows not yet done are returned as they are (done False).
+        """
+        rows = [prompt for prompt in prompts for _ in range(params.n)] if budgets is None else prompts
         width = max(len(prompt) for prompt in rows)
         ids = torch.tensor([[self.pad_token_id] * (width - len(p)) + p for p in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         next_position = positions[:, -1] + 1
         stop_ids = torch.tensor([self.eos_token_id, *params.stop_tokens], device=self.device)
+        batch = len(rows)
+        limit = torch.tensor(budgets if budgets is not None else [params.max_new_tokens] * batch, device=self.device)
+        longest = int(limit.max())
 
         cache = DynamicCache(config=self.model.config)
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions,
             past_key_values=cache, use_cache=True, logits_to_keep=1,
         )
-        batch = len(rows)
-        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        lengths = torch.full((batch,), params.max_new_tokens, device=self.device)
+        stopped = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        finished = limit <= 0
+        lengths = limit.clone()
         step_tokens, step_logprobs = [], []
-        for step in range(params.max_new_tokens):
+        for step in range(longest):
             token, logprob = sample_tokens(out.logits[:, -1], params, generator)
             token = token.masked_fill(finished, self.pad_token_id)
             step_tokens.append(token)
             step_logprobs.append(logprob)
             hit_stop = torch.isin(token, stop_ids) & ~finished
             lengths = torch.where(hit_stop, step + 1, lengths)
-            finished |= hit_stop
-            if step + 1 == params.max_new_tokens or bool(finished.all()):
+            stopped |= hit_stop
+            finished |= hit_stop | (limit == step + 1)
+            if step + 1 == longest or bool(finished.all()):
+                break
+            if interrupt is not None and interrupt():
+                lengths = torch.where(finished, lengths, step + 1)
                 break
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
             out = self.model(
@@ -131,7 +221,10 @@ class TorchEngine:
                 past_key_values=cache, use_cache=True,
             )
             next_position = next_position + 1
-        return torch.stack(step_tokens, 1), torch.stack(step_logprobs, 1), lengths, finished
+        if not step_tokens:
+            empty = torch.zeros(batch, 0, device=self.device)
+            return empty.long(), empty, lengths, stopped, finished
+        return torch.stack(step_tokens, 1), torch.stack(step_logprobs, 1), lengths, stopped, finished
 
     def _check_request(self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None):
         if params.n < 1 or params.max_new_tokens < 1:

@@ -5,6 +5,12 @@ it starts only as many groups as the queue's tickets allow (contract 2), and res
 until the queue holds it (contract 4). It waits for version 0 from the learner before generating
 anything, so it never samples with weights the learner does not have. Must never import learner
 code.
+
+Weights download on a background thread (`Prefetcher`); the engine stops only for the swap. With
+`weights.update_mode: interrupt` a new version also stops a running generation batch between
+decode steps: swap, then the same samples continue, each token tagged with the version that
+produced it. An engine more than max_staleness versions behind the learner starts no new groups
+until it has caught up (`StalenessGate`).
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from asyncrl.config import Config
 from asyncrl.modeling import build_model
 from asyncrl.protocol import Sample, TrajectoryGroup, new_group_id
 from asyncrl.queue.client import QueueProducer
-from asyncrl.rollout.engine import SamplingParams, TorchEngine
+from asyncrl.rollout.engine import SamplingParams, TorchEngine, VersionedCompletion
 from asyncrl.rollout.tasks import build_task
-from asyncrl.weights.receiver import WeightReceiver
+from asyncrl.weights.receiver import Prefetcher, WeightReceiver
+from asyncrl.weights.staleness import StalenessGate
 
 log = logging.getLogger("asyncrl.rollout")
 
@@ -51,15 +58,28 @@ class RolloutServer:
         self.engine.version = -1  # nothing verified yet: version 0 must come from the learner
         self.params = SamplingParams.from_config(cfg.sampling)
         self.producer = QueueProducer(cfg.queue.address, self.engine_id, timeout_s=cfg.queue.request_timeout_s)
-        self.receiver = WeightReceiver(cfg.weights.address, self.engine_id, timeout_s=cfg.queue.request_timeout_s)
+        self.receiver = WeightReceiver(
+            cfg.weights.address, self.engine_id, timeout_s=cfg.queue.request_timeout_s, transport=cfg.weights.transport
+        )
+        self.prefetcher = Prefetcher(self.receiver)
+        self.gate = StalenessGate(cfg.max_staleness)
         self.groups_sent = 0
+        self.swaps = 0
+        self.swap_s = 0.0
+        """Seconds the engine could not generate because a version was being swapped in."""
 
     def refresh_weights(self) -> bool:
-        update = self.receiver.poll(self.engine.version)
-        if update is None:
+        """Swap in a downloaded version if one is staged; never waits for the network."""
+        staged = self.prefetcher.take()
+        if staged is None:
             return False
-        version, state = update
-        self.engine.load_weights(state, version)
+        version, state = staged
+        start = time.perf_counter()
+        with self.engine.paused():
+            self.engine.load_weights(state, version)
+        self.swap_s += time.perf_counter() - start
+        self.swaps += 1
+        self.prefetcher.running(version)
         log.info("%s now on version %d", self.engine_id, version)
         return True
 
@@ -67,10 +87,13 @@ class RolloutServer:
         self.producer.hello("producer")
         while self.engine.version < 0 and not should_stop():
             if not self.refresh_weights():
-                time.sleep(0.05)
+                self.prefetcher.wait(0.5, should_stop)
         pause = 0.002
         while not should_stop():
             self.refresh_weights()
+            if not self.gate.admits(self.engine.version, self.prefetcher.learner_version):
+                self.prefetcher.wait(0.05, should_stop)  # behind by more than K: catch up first
+                continue
             granted, closed = self.producer.ticket(self.engine.version, self.cfg.rollout.groups_per_batch)
             if closed:
                 break
@@ -86,9 +109,8 @@ class RolloutServer:
 
     def generate(self, count: int) -> list[TrajectoryGroup]:
         prompts = [self.task.sample_prompt(self.rng) for _ in range(count)]
-        version = self.engine.version
         start = time.perf_counter()
-        outputs = self.engine.generate([p.tokens for p in prompts], self.params, self.generator)
+        outputs = self._generate_through_updates([p.tokens for p in prompts])
         gen_s = time.perf_counter() - start
         groups = []
         for prompt, completions in zip(prompts, outputs):
@@ -96,7 +118,7 @@ class RolloutServer:
                 Sample(
                     tokens=np.asarray(c.tokens, np.int32),
                     behav_logprobs=np.asarray(c.logprobs, np.float32),
-                    versions=np.full(len(c.tokens), version, np.int32),
+                    versions=np.asarray(c.versions, np.int32),
                     reward=float(self.task.reward(prompt, c.tokens)),
                     finish_reason=c.finish_reason,
                 )
@@ -111,11 +133,24 @@ class RolloutServer:
                     engine_id=self.engine_id,
                     seed=self.seed,
                     reference=prompt.reference,
-                    timings={"generate_s": gen_s / max(1, count)},
+                    timings={"generate_s": gen_s / max(1, count), **self.weights_metrics()},
                 )
             )
         return groups
 
+    def weights_metrics(self) -> dict[str, float]:
+        """Staleness-gate lag and waiting, and swap time, cumulative; travels in each group's timings."""
+        return {**self.gate.metrics(), "swap_s": self.swap_s, "swaps": float(self.swaps)}
+
+    def _generate_through_updates(self, prompts: list[list[int]]) -> list[list[VersionedCompletion]]:
+        """One generation batch; in 'interrupt' mode a staged version stops it for a swap, then it continues."""
+        interrupt = self.prefetcher.ready if self.cfg.weights.update_mode == "interrupt" else None
+        outputs = self.engine.generate_versioned(prompts, self.params, self.generator, interrupt=interrupt)
+        while any(c.finish_reason == "abort" for group in outputs for c in group):
+            self.refresh_weights()
+            outputs = self.engine.generate_versioned(prompts, self.params, self.generator, outputs, interrupt)
+        return outputs
+
     def close(self) -> None:
         self.producer.close()
-        self.receiver.close()
+        self.prefetcher.close()

@@ -1,9 +1,16 @@
-"""Learner side of weight publication: serves the newest complete version to any engine that asks.
+"""Learner side of weight publication: keeps the newest complete version and serves it to engines.
 
-A background thread owns a ROUTER socket. `publish` snapshots the model's tensors into an encoded
-version and swaps it in whole, so an engine only ever receives a complete version. Engines ask
-with the version they hold and get the newer one, or a short 'unchanged' answer, and report the
-version they run, so the learner knows every engine's version. Must never import rollout code.
+`publish` copies the model out bucket by bucket (see codec.iter_buckets) into a new `Published`
+version and only then makes it current, so an engine only ever sees complete versions. A
+background thread owns a ROUTER socket and answers two requests:
+
+- ``fetch`` {have, running, engine, transport}: 'unchanged' (with the learner's newest version,
+  which engines use for their staleness gate), or the manifest followed by one message per bucket
+  (``zmq``), or the manifest and the shared-memory file to map (``shm``). Engines in a gloo/nccl
+  group get the data pushed by `GroupPublisher` and use fetch only to learn the version.
+- ``ack`` {engine, version}: the engine now runs `version`.
+
+`engine_versions` is what every engine last said it runs. Must never import rollout code.
 """
 
 from __future__ import annotations
@@ -11,43 +18,89 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Iterable, Optional, Union
 
 import torch
 import zmq
 
 from asyncrl.queue.codec import pack, unpack_header
-from asyncrl.weights.codec import encode_state
+from asyncrl.weights.codec import DEFAULT_BUCKET_BYTES
+from asyncrl.weights.transport import GroupPublisher, Published, snapshot
 
 log = logging.getLogger("asyncrl.weights")
 
+KEEP_FILES = 2
+"""Shared-memory versions kept on disk: the newest and the one before, so an engine that got the
+previous manifest a moment before a publish can still map its file."""
+
+
+def named_tensors(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    """The model's state, each storage once: tied tensors (an output head sharing the embedding)
+    are sent under their first name only, and engines re-tie them."""
+    seen = set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        yield name, tensor
+
 
 class WeightBroadcaster:
-    def __init__(self, address: str):
+    def __init__(self, address: str, bucket_bytes: int = DEFAULT_BUCKET_BYTES, shm_dir: Optional[str] = None,
+                 group: Optional[GroupPublisher] = None):
+        self.bucket_bytes = bucket_bytes
+        self.shm_dir = shm_dir
+        self.group = group
         self._ctx = zmq.Context.instance()
         self._socket = self._ctx.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        # Bucket frames reference the published buffers (zero copy), so queueing them costs no
+        # memory; a bounded queue would make ZeroMQ silently drop buckets to a slow engine.
+        self._socket.setsockopt(zmq.SNDHWM, 0)
         self._socket.bind(address)
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._lock = threading.Lock()
-        self._current: tuple[dict, list[bytes]] | None = None
+        self._current: Optional[Published] = None
+        self._files: list[Published] = []
         self.engine_versions: dict[str, int] = {}
         self.rejected = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="weights", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def from_config(cls, wc, group: Optional[GroupPublisher] = None) -> "WeightBroadcaster":
+        """From `asyncrl.config.WeightsConfig`."""
+        return cls(wc.address, bucket_bytes=wc.bucket_bytes, shm_dir=wc.shm_dir, group=group)
+
     @property
     def version(self) -> int:
         with self._lock:
-            return -1 if self._current is None else self._current[0]["version"]
+            return -1 if self._current is None else self._current.version
 
-    def publish(self, model: torch.nn.Module, version: int) -> float:
-        """Snapshot the model as `version`; returns the seconds the snapshot took."""
+    def publish(self, model: Union[torch.nn.Module, Iterable[tuple[str, torch.Tensor]]], version: int) -> float:
+        """Snapshot `model` (a module, or (name, tensor) pairs such as a ZeRO-3 gathering generator)
+        as `version`; returns the seconds it took. The version is served only once complete."""
         start = time.perf_counter()
+        tensors = named_tensors(model) if isinstance(model, torch.nn.Module) else model
         with torch.no_grad():
-            encoded = encode_state(dict(model.state_dict()), version)
+            try:
+                published = snapshot(tensors, version, self.bucket_bytes, self.shm_dir)
+            except OSError as exc:
+                if self.shm_dir is None or not isinstance(model, torch.nn.Module):
+                    raise
+                log.warning("cannot keep version %d in %s (%s); keeping it in memory, engines fetch over zmq",
+                            version, self.shm_dir, exc)
+                published = snapshot(named_tensors(model), version, self.bucket_bytes, None)
         with self._lock:
-            self._current = encoded
+            self._current = published
+            if published.path is not None:
+                self._files.append(published)
+                while len(self._files) > KEEP_FILES:
+                    self._files.pop(0).discard()
+        if self.group is not None:
+            self.group.offer(published)
         return time.perf_counter() - start
 
     def _serve(self) -> None:
@@ -57,25 +110,49 @@ class WeightBroadcaster:
             identity, *body = self._socket.recv_multipart()
             try:
                 header = unpack_header(body[0]) if body else {}
-                have = header.get("have")
-                engine = str(header.get("engine", "?"))
-                if not isinstance(have, int) or isinstance(have, bool):
-                    raise ValueError(f"field 'have' must be an integer, got {have!r}")
+                self._answer(identity, header)
             except ValueError as exc:
                 self.rejected += 1
                 self._socket.send_multipart([identity, pack({"ok": False, "error": str(exc)})])
-                continue
-            self.engine_versions[engine] = have
-            with self._lock:
-                current = self._current
-            if current is None or current[0]["version"] <= have:
-                latest = -1 if current is None else current[0]["version"]
-                self._socket.send_multipart([identity, pack({"ok": True, "version": latest, "unchanged": True})])
-                continue
-            manifest, frames = current
-            self._socket.send_multipart([identity, pack({"ok": True, **manifest}), *frames], copy=False)
+
+    def _answer(self, identity: bytes, header: dict) -> None:
+        op = header.get("op", "fetch")
+        engine = str(header.get("engine", "?"))
+        if op == "ack":
+            self.engine_versions[engine] = _integer(header, "version")
+            self._socket.send_multipart([identity, pack({"ok": True})])
+            return
+        if op != "fetch":
+            raise ValueError(f"unknown op {op!r}; expected 'fetch' or 'ack'")
+        have = _integer(header, "have")
+        self.engine_versions[engine] = _integer(header, "running") if "running" in header else have
+        with self._lock:
+            current = self._current
+        transport = header.get("transport", "zmq")
+        if current is None or current.version <= have or transport in ("gloo", "nccl"):
+            latest = -1 if current is None else current.version
+            self._socket.send_multipart([identity, pack({"ok": True, "version": latest, "unchanged": True})])
+            return
+        if transport == "shm" and current.path is not None:
+            self._socket.send_multipart([identity, pack({"ok": True, "transport": "shm", "path": current.path, **current.manifest})])
+            return
+        self._socket.send_multipart([identity, pack({"ok": True, "transport": "zmq", **current.manifest})])
+        for index, buf in enumerate(current.buffers):
+            self._socket.send_multipart([identity, pack({"version": current.version, "bucket": index}), buf], copy=False)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
         self._socket.close(0)
+        if self.group is not None:
+            self.group.close()
+        for published in self._files:
+            published.discard()
+        self._files.clear()
+
+
+def _integer(header: dict, key: str) -> int:
+    value = header.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"field {key!r} must be an integer, got {value!r}")
+    return value

@@ -1,30 +1,51 @@
-"""Engine side of weight publication: fetch a newer version whole, verify it, or keep the old one.
+"""Engine side of weight publication: fetch a newer version whole and verified, or keep the old one.
 
-`poll` asks the learner for anything newer than the version held. A reply that fails
-verification, or none within the timeout, leaves the engine on its current weights (contract 6)
-and the next poll asks again. Must never import learner code.
+`fetch` asks the learner for anything newer than the version held and returns it only once every
+bucket has arrived and passed its checksum; a bucket that is damaged, missing or late leaves the
+engine on its current weights (contract 6), and the next call asks again from scratch. Every
+answer carries the learner's newest version (`learner_version`), which the staleness gate uses.
+`ack` tells the learner which version the engine now runs.
+
+`Prefetcher` runs a receiver on a thread so an engine keeps generating while a version
+downloads; the engine only stops for the swap itself. Must never import learner or rollout code.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional
+import threading
+import time
+from typing import Callable, Optional
 
 import torch
 import zmq
 
-from asyncrl.queue.codec import pack, unpack_header
-from asyncrl.weights.codec import WeightsError, decode_state
+from asyncrl.queue.codec import ProtocolError, pack, unpack_header
+from asyncrl.weights.codec import WeightsError, tensors_from_buckets, verify_bucket
+from asyncrl.weights.transport import TRANSPORTS, GroupReceiver, map_buckets
 
 log = logging.getLogger("asyncrl.weights")
 
+Fetched = tuple[dict, list]
+"""(manifest, bucket buffers) of one complete, verified version."""
+
 
 class WeightReceiver:
-    def __init__(self, address: str, engine_id: str, timeout_s: float = 30.0):
+    def __init__(self, address: str, engine_id: str, timeout_s: float = 30.0, transport: str = "zmq",
+                 group: Optional[GroupReceiver] = None):
+        if transport not in TRANSPORTS:
+            raise WeightsError(f"weights.transport={transport!r}; choose one of {', '.join(TRANSPORTS)}")
+        if transport in ("gloo", "nccl") and group is None:
+            raise WeightsError(f"weights.transport={transport!r} needs a GroupReceiver (see transport.open_group)")
         self.address = address
         self.engine_id = engine_id
         self.timeout_s = timeout_s
+        self.transport = transport
+        self.group = group
         self.failures = 0
+        self.learner_version = -1
+        self.cancel = threading.Event()
+        """Set to make a waiting fetch give up within 0.1 s (shutting down)."""
         self._ctx = zmq.Context.instance()
         self._socket: Optional[zmq.Socket] = None
         self._connect()
@@ -36,26 +57,159 @@ class WeightReceiver:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(self.address)
 
-    def poll(self, have: int) -> Optional[tuple[int, dict[str, torch.Tensor]]]:
-        """(version, state) when the learner has a version newer than `have`, else None."""
-        self._socket.send_multipart([pack({"have": have, "engine": self.engine_id})])
-        if not self._socket.poll(int(self.timeout_s * 1000), zmq.POLLIN):
-            self.failures += 1
-            self._connect()  # drop the unanswered request so the next poll starts clean
-            return None
-        manifest_frame, *frames = self._socket.recv_multipart(copy=False)
-        manifest = unpack_header(manifest_frame.bytes, max_bytes=64 << 20)
-        if not manifest.get("ok") or manifest.get("unchanged"):
+    def _fail(self, have: int, why: str) -> None:
+        self.failures += 1
+        log.warning("%s: weights fetch failed, staying on version %d and asking again: %s", self.engine_id, have, why)
+        self._connect()  # drops whatever is still in flight, so the next request starts clean
+
+    def _recv(self, have: int) -> Optional[list[zmq.Frame]]:
+        deadline = time.monotonic() + self.timeout_s
+        while not self._socket.poll(100, zmq.POLLIN):
+            if self.cancel.is_set():
+                self._connect()
+                return None
+            if time.monotonic() > deadline:
+                self._fail(have, f"no answer within {self.timeout_s} s from {self.address}")
+                return None
+        return self._socket.recv_multipart(copy=False)
+
+    def fetch(self, have: int, running: Optional[int] = None) -> Optional[Fetched]:
+        """The newest version if it is newer than `have`, complete and verified; else None."""
+        request = {"op": "fetch", "have": have, "running": have if running is None else running,
+                   "engine": self.engine_id, "transport": self.transport}
+        if self.group is not None and self.group.failed is not None:
+            request["transport"] = "zmq"  # the group broke; fetch the bytes over the socket instead
+        self._socket.send_multipart([pack(request)])
+        frames = self._recv(have)
+        if frames is None:
             return None
         try:
-            state = decode_state(manifest, [f.buffer for f in frames])
-        except (WeightsError, KeyError, TypeError) as exc:
-            self.failures += 1
-            log.warning("weights version %s from %s rejected, staying on %d: %s", manifest.get("version"), self.address, have, exc)
+            manifest = unpack_header(frames[0].bytes, max_bytes=64 << 20)
+        except ProtocolError as exc:
+            self._fail(have, str(exc))
             return None
-        return int(manifest["version"]), state
+        if not manifest.get("ok"):
+            self._fail(have, f"learner refused the request: {manifest.get('error')}")
+            return None
+        version = manifest.get("version")
+        if isinstance(version, int):
+            self.learner_version = max(self.learner_version, version)
+        if manifest.get("unchanged"):
+            return self.group.take(have) if request["transport"] in ("gloo", "nccl") else None
+        try:
+            if manifest.get("transport") == "shm":
+                buffers = map_buckets(manifest["path"], manifest)
+                for index, buf in enumerate(buffers):
+                    verify_bucket(manifest, index, buf)
+            else:
+                buffers = self._stream(manifest, have)
+                if buffers is None:
+                    return None
+        except (WeightsError, OSError, KeyError, TypeError) as exc:
+            self._fail(have, f"version {version} rejected: {exc}")
+            return None
+        return manifest, buffers
+
+    def _stream(self, manifest: dict, have: int) -> Optional[list]:
+        """Receive and verify the buckets as they arrive (checksumming overlaps the transfer)."""
+        buffers = []
+        for index in range(len(manifest["buckets"])):
+            frames = self._recv(have)
+            if frames is None:
+                return None
+            header = unpack_header(frames[0].bytes)
+            if header.get("version") != manifest["version"] or header.get("bucket") != index or len(frames) != 2:
+                raise WeightsError(f"expected bucket {index} of version {manifest['version']}, got {header}")
+            verify_bucket(manifest, index, frames[1].buffer)
+            buffers.append(frames[1].buffer)
+        return buffers
+
+    def poll(self, have: int) -> Optional[tuple[int, dict[str, torch.Tensor]]]:
+        """(version, state) when the learner has a verified version newer than `have`, else None."""
+        fetched = self.fetch(have)
+        if fetched is None:
+            return None
+        manifest, buffers = fetched
+        return int(manifest["version"]), tensors_from_buckets(manifest, buffers)
+
+    def ack(self, version: int) -> bool:
+        """Tell the learner this engine now runs `version`; False if it did not answer in time."""
+        self._socket.send_multipart([pack({"op": "ack", "engine": self.engine_id, "version": version})])
+        frames = self._recv(version)
+        return frames is not None
 
     def close(self) -> None:
         if self._socket is not None:
             self._socket.close(0)
             self._socket = None
+
+
+class Prefetcher:
+    """Runs a WeightReceiver on its own thread and holds the newest verified version until taken.
+
+    The engine's loop calls `ready()` between decode steps (cheap, no I/O) and `take()` when it is
+    ready to swap; `running(v)` reports the version it then runs, which the thread acknowledges.
+    """
+
+    def __init__(self, receiver: WeightReceiver, running: int = -1, interval_s: float = 0.05):
+        self.receiver = receiver
+        self.interval_s = interval_s
+        self._running = running
+        self._acked = running
+        self._staged: Optional[tuple[int, dict[str, torch.Tensor]]] = None
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"weights-{receiver.engine_id}", daemon=True)
+        self._thread.start()
+
+    @property
+    def learner_version(self) -> int:
+        return self.receiver.learner_version
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                running = self._running
+                have = max(running, self._staged[0] if self._staged else -1)
+            if running != self._acked and self.receiver.ack(running):
+                self._acked = running
+            fetched = self.receiver.fetch(have, running)
+            if fetched is not None:
+                manifest, buffers = fetched
+                staged = (int(manifest["version"]), tensors_from_buckets(manifest, buffers))
+                with self._lock:
+                    self._staged = staged  # replaces an older staged version that was never taken
+                    self._arrived.notify_all()
+                continue
+            self._stop.wait(self.interval_s)
+
+    def ready(self) -> bool:
+        with self._lock:
+            return self._staged is not None
+
+    def take(self) -> Optional[tuple[int, dict[str, torch.Tensor]]]:
+        with self._lock:
+            staged, self._staged = self._staged, None
+            return staged
+
+    def wait(self, timeout_s: float, stop: Callable[[], bool] = lambda: False) -> bool:
+        """Block until a version is staged (True) or timeout/stop (False)."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._staged is None and not stop():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._arrived.wait(min(left, 0.05))
+            return self._staged is not None
+
+    def running(self, version: int) -> None:
+        with self._lock:
+            self._running = version
+
+    def close(self) -> None:
+        self._stop.set()
+        self.receiver.cancel.set()
+        self._thread.join(timeout=5)
+        self.receiver.close()

@@ -1,0 +1,124 @@
+"""docs/protocol.md is the specification: a client built from it alone, with plain msgpack, struct and
+raw bytes (no asyncrl client or codec), drives a real queue server through put, get, ack and errors."""
+
+import struct
+import uuid
+
+import msgpack
+import pytest
+import zmq
+
+
+class HandClient:
+    """A DEALER socket speaking protocol version 1 exactly as the document describes it."""
+
+    def __init__(self, address: str):
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.req = 0
+
+    def call(self, op: str, frames=(), **fields):
+        self.req += 1
+        header = {"proto": 1, "op": op, "req": self.req, **fields}
+        return self.raw([msgpack.packb(header, use_bin_type=True), *frames])
+
+    def raw(self, frames):
+        self.sock.send_multipart(list(frames))
+        assert self.sock.poll(5000), "no reply within 5 s"
+        reply, *rest = self.sock.recv_multipart()
+        return msgpack.unpackb(reply, raw=False), rest
+
+    def close(self):
+        self.sock.close(0)
+
+
+def group_frames(lens=(3, 2), version=0, tokens=None, logprobs=None, group_id=None):
+    """One group as the table in 'Trajectory group frames' lays it out."""
+    total = sum(lens)
+    header = {
+        "id": group_id or uuid.uuid4().hex,
+        "lens": list(lens),
+        "rewards": [1.0] * len(lens),
+        "finish": ["stop"] * len(lens),
+        "task": "hand",
+    }
+    tokens = tokens if tokens is not None else [7] * total
+    logprobs = logprobs if logprobs is not None else [-0.5] * total
+    return header["id"], [
+        msgpack.packb(header, use_bin_type=True),
+        struct.pack("<3i", 1, 2, 3),
+        struct.pack(f"<{total}i", *tokens),
+        struct.pack(f"<{total}f", *logprobs),
+        struct.pack(f"<{total}i", *[version] * total),
+    ]
+
+
+@pytest.fixture
+def hand(queue_server):
+    server = queue_server(max_staleness=1, groups_per_step=2, vocab_size=32)
+    client = HandClient(server.address)
+    yield client
+    client.close()
+
+
+def test_hello_reports_the_protocol_version_and_settings(hand):
+    reply, frames = hand.call("hello", role="producer", name="hand")
+    assert reply["ok"] and reply["proto"] == 1 and reply["req"] == 1 and frames == []
+    assert (reply["max_staleness"], reply["groups_per_step"], reply["vocab_size"]) == (1, 2, 32)
+
+
+def test_put_get_ack_round_trip_with_hand_built_frames(hand):
+    gid, frames = group_frames(lens=(3, 2))
+    reply, _ = hand.call("put", frames, ticketed=False)
+    assert reply == {"ok": True, "status": "accepted", "req": 1}
+    reply, _ = hand.call("put", frames, ticketed=False)
+    assert reply["status"] == "duplicate"
+    reply, out = hand.call("get", version=0, groups=1, consumer="hand")
+    assert reply["groups"] == 1 and isinstance(reply["lease"], int)
+    assert len(out) == 5 and out[1:] == frames[1:]  # sent on exactly as put
+    assert msgpack.unpackb(out[0])["id"] == gid
+    assert struct.unpack("<5f", out[3]) == (-0.5,) * 5
+    reply, _ = hand.call("ack", lease=reply["lease"])
+    assert reply["acknowledged"] == 1
+    stats = hand.call("stats")[0]["stats"]
+    assert (stats["accepted"], stats["acknowledged"], stats["depth"], stats["balanced"]) == (1, 1, 0, True)
+
+
+def test_batched_put_and_rank_shares_as_documented(hand):
+    batch = [group_frames()[1] for _ in range(4)]
+    reply, _ = hand.call("put", [f for g in batch for f in g], ticketed=False, groups=4)
+    assert reply["statuses"] == ["accepted"] * 4 and reply["accepted"] == 4
+    shares = [hand.call("get", version=0, groups=2, rank=r, world=2)[0] for r in range(2)]
+    assert [s["groups"] for s in shares] == [1, 1] and [s["rank"] for s in shares] == [0, 1]
+
+
+def test_tickets_follow_the_documented_formula(hand):
+    # (K + version + 1) * B = (1 + 0 + 1) * 2 = 4
+    assert hand.call("ticket", version=0, want=10, engine="e")[0]["granted"] == 4
+    assert hand.call("release", count=3, engine="e")[0]["released"] == 3
+
+
+@pytest.mark.parametrize(
+    "fields, frames, code",
+    [
+        ({"ticketed": False}, group_frames(tokens=[7, 7, 99, 7, 7])[1], "bad_token"),
+        ({"ticketed": False}, group_frames(logprobs=[-1.0, float("nan"), -1.0, -1.0, -1.0])[1], "bad_value"),
+        ({"ticketed": False}, group_frames(version=5)[1], "future_version"),
+        ({"ticketed": False}, group_frames()[1][:3], "bad_frames"),
+        ({"ticketed": "yes"}, group_frames()[1], "bad_schema"),
+    ],
+)
+def test_bad_put_gets_the_documented_error_code(hand, fields, frames, code):
+    reply, out = hand.call("put", frames, **fields)
+    assert reply["ok"] is False and reply["code"] == code and reply["req"] == 1 and out == []
+    assert hand.call("stats")[0]["stats"]["rejected"] == {code: 1}
+
+
+def test_unknown_protocol_version_and_garbage_get_error_replies(hand):
+    reply, _ = hand.raw([msgpack.packb({"proto": 2, "op": "hello", "req": 9})])
+    assert (reply["ok"], reply["code"], reply["proto"], reply["req"]) == (False, "bad_protocol", 1, 9)
+    reply, _ = hand.raw([b"\xc1\xc1not msgpack"])
+    assert (reply["ok"], reply["code"], reply["req"]) == (False, "bad_msgpack", None)
+    reply, _ = hand.call("teleport")
+    assert reply["code"] == "bad_op"
