@@ -223,8 +223,29 @@ def queue_stats(config_path: Optional[str], overrides: tuple[str, ...], as_json:
     if as_json:
         click.echo(json.dumps(stats, indent=2))
         return
-    for key, value in stats.items():
-        click.echo(f"{key:>16}  {value}")
+    from rich.console import Console
+    from rich.table import Table
+
+    def counts(d: dict) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in d.items()) or "-"
+
+    table = Table(title=f"transfer queue at {cfg.queue.address}", show_header=False, title_justify="left")
+    table.add_column("metric", style="bold")
+    table.add_column("value")
+    mib = 1 << 20
+    table.add_row("depth / leased", f"{stats['depth']} ready, {stats['leased']} leased (capacity {stats.get('capacity_groups', '?')})")
+    table.add_row("bytes held", f"{stats['bytes_held'] / mib:.1f} MiB of {stats.get('capacity_bytes', 0) / mib:.0f} MiB")
+    table.add_row("accepted", f"{stats['accepted']} ({stats['duplicates']} duplicates, {stats['waits']} told to wait)")
+    table.add_row("delivered / acknowledged", f"{stats['delivered']} / {stats['acknowledged']} ({stats['redelivered']} redelivered)")
+    table.add_row("dropped", counts(stats["dropped"]))
+    table.add_row("rejected", counts(stats["rejected"]))
+    table.add_row("staleness of trained groups", counts(stats["staleness"]))
+    balanced = stats.get("balanced")
+    table.add_row("accounting", "[green]balanced[/green]" if balanced else "[red]UNBALANCED: accepted != acknowledged + dropped + held[/red]")
+    table.add_row("learner version", str(stats["learner_version"]))
+    table.add_row("tickets", f"{stats['tickets_running']} running, {stats.get('tickets_expired', 0)} expired; held {counts(stats.get('tickets_held', {}))}")
+    table.add_row("closed", str(stats["closed"]))
+    Console().print(table)
 
 
 @main.command("config-doc")
@@ -236,6 +257,10 @@ def config_doc() -> None:
 from asyncrl.replay.cli import replay  # noqa: E402  (registered last: it adds a subcommand to `main`)
 
 main.add_command(replay)
+
+from asyncrl.experiments.cli import sweep  # noqa: E402
+
+main.add_command(sweep)
 
 
 if __name__ == "__main__":

@@ -134,3 +134,13 @@ def test_garbage_and_unknown_protocol_get_error_replies(queue_server):
     assert reply == {"ok": False, "code": "bad_protocol", "error": reply["error"], "proto": 1, "req": 5}
     assert "protocol version 99 is not supported" in reply["error"]
     sock.close(0)
+
+
+def test_queue_stats_command_prints_the_counters_and_the_balance(queue_server):
+    from conftest import run_cli
+
+    server = queue_server(groups_per_step=1)
+    QueueProducer(server.address, "p0", timeout_s=5).put(make_group(version=0), ticketed=False)
+    result = run_cli("queue", "stats", f"queue.address={server.address}", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "1 ready" in result.stdout and "balanced" in result.stdout
