@@ -163,6 +163,11 @@ def _serve_queue(cfg: Config, stop, linger_s: float = 0.0) -> None:
         capacity_bytes=cfg.queue.capacity_bytes,
         max_message_bytes=cfg.queue.max_message_bytes,
         vocab_size=cfg.model.vocab_size if cfg.model.path is None else None,
+        lease_s=cfg.queue.lease_s,
+        ticket_lease_s=cfg.queue.ticket_lease_s,
+        seen_capacity=cfg.queue.seen_capacity,
+        resend_window_s=cfg.queue.resend_window_s,
+        max_batch_groups=cfg.queue.max_batch_groups,
     )
     server = QueueServer(cfg.queue.address, settings)
     mirror = None

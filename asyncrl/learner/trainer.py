@@ -35,6 +35,7 @@ from asyncrl.learner.checkpoint import CheckpointMeta, checkpoint_dir, latest_ch
 from asyncrl.learner.distributed import Ranks, broadcast_groups, rank_device
 from asyncrl.learner.losses import LossSettings, PolicyLossInputs, group_advantages, kl_penalty, policy_loss
 from asyncrl.protocol import TrajectoryGroup
+from asyncrl.queue.client import queue_metrics
 
 log = logging.getLogger("asyncrl.learner")
 
@@ -217,6 +218,9 @@ class Learner:
                         tokens_per_s=record["tokens"] / (now - last),
                         wall_s=now - start,
                     )
+                    if self.version % 10 == 0 or self.version == cfg.learner.steps:
+                        # The queue's counters (drops, rejects, depth) every 10 steps: one round trip.
+                        record.update(queue_metrics(self.consumer.stats()))
                     last = now
                     self.tracker.write(record)
             finished = True
