@@ -83,8 +83,22 @@ class SamplingConfig(Section):
 class RolloutConfig(Section):
     num_servers: int = Field(1, ge=1)
     """Rollout servers that `asyncrl run` starts."""
-    engine: Literal["torch"] = "torch"
-    """Generation engine: the embedded transformers engine."""
+    engine: Literal["torch", "vllm", "sglang"] = "torch"
+    """Generation engine: the embedded transformers engine, an in-process vLLM (extra 'vllm'), or an SGLang server (extra 'sglang'); see docs/engines.md."""
+    engine_url: str = "http://127.0.0.1:30000"
+    """SGLang: URL of the engine server to attach to (or that engine_launch starts)."""
+    engine_launch: list[str] = []
+    """SGLang: command that starts the server when nothing answers at engine_url, e.g. [python, -m, sglang.launch_server, --model-path, ...]; empty attaches only."""
+    engine_timeout_s: float = Field(600.0, gt=0.0)
+    """SGLang: seconds one request (a generation batch, a weight update) may take before it is an error."""
+    engine_start_timeout_s: float = Field(600.0, gt=0.0)
+    """SGLang: seconds a launched server may take to become healthy."""
+    engine_check_version: bool = True
+    """SGLang: refuse a server whose version is not the pinned one."""
+    engine_weight_update: Literal["distributed", "tensor"] = "distributed"
+    """SGLang: new versions over an NCCL group with the server ('distributed'), or as tensor handles to a colocated loopback server ('tensor')."""
+    engine_args: dict[str, Any] = {}
+    """vLLM: extra keyword arguments of vllm.LLM (e.g. gpu_memory_utilization, tensor_parallel_size, dtype, enable_sleep_mode)."""
     groups_per_batch: int = Field(8, ge=1)
     """Groups one generation batch holds (n samples each)."""
     device: str = "cpu"
@@ -187,16 +201,6 @@ class QueueConfig(Section):
     """Messages larger than this are rejected."""
     request_timeout_s: float = Field(30.0, gt=0.0)
     """A client resends a request that got no reply for this long, then gives up after retries."""
-    lease_s: float = Field(120.0, gt=0.0)
-    """Groups handed to a learner and not acknowledged within this long are delivered again."""
-    ticket_lease_s: float = Field(300.0, gt=0.0)
-    """A rollout server silent this long loses its outstanding admission tickets."""
-    seen_capacity: int = Field(1 << 18, ge=1)
-    """Most ids of settled groups remembered to recognise resends (about 100 bytes each)."""
-    resend_window_s: float = Field(3600.0, gt=0.0)
-    """How long a settled group's id is remembered; later resends are not recognised."""
-    max_batch_groups: int = Field(1024, ge=1)
-    """Most groups one put message may carry."""
 
 
 class WeightsConfig(Section):

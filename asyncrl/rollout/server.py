@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from asyncrl.config import Config
-from asyncrl.modeling import build_model
 from asyncrl.protocol import Sample, TrajectoryGroup, new_group_id
 from asyncrl.queue.client import QueueProducer
-from asyncrl.rollout.engine import SamplingParams, TorchEngine, VersionedCompletion
+from asyncrl.rollout.engine import SamplingParams, VersionedCompletion
+from asyncrl.rollout.engines import build_engine
 from asyncrl.rollout.tasks import build_task
 from asyncrl.weights.receiver import Prefetcher, WeightReceiver
 from asyncrl.weights.staleness import StalenessGate
@@ -46,16 +46,7 @@ class RolloutServer:
         self.generator = torch.Generator(device=rc.device).manual_seed(self.seed)
         self.task = build_task(cfg.task, cfg.model.path)
         tok = self.task.tokenizer
-        model = build_model(cfg.model, rc.device)
-        vocab = model.get_input_embeddings().weight.shape[0]
-        if tok.vocab_size > vocab:
-            raise ValueError(
-                f"task {cfg.task.name!r} needs a vocabulary of {tok.vocab_size} tokens but model.vocab_size is {vocab}; "
-                f"set model.vocab_size >= {tok.vocab_size}"
-            )
-        model.eval()
-        self.engine = TorchEngine(model, tok.eos_token_id, tok.pad_token_id, rc.device)
-        self.engine.version = -1  # nothing verified yet: version 0 must come from the learner
+        self.engine = build_engine(cfg, tok)  # on version -1: version 0 must come from the learner
         self.params = SamplingParams.from_config(cfg.sampling)
         self.producer = QueueProducer(cfg.queue.address, self.engine_id, timeout_s=cfg.queue.request_timeout_s)
         self.receiver = WeightReceiver(

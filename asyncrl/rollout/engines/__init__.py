@@ -1,0 +1,55 @@
+"""Choosing the rollout engine: `rollout.engine: torch | vllm | sglang`, built in one place.
+
+`build_engine(cfg, tokenizer)` is the only place that knows which classes exist; the rollout server
+calls it and then speaks the interface in `base.py`. vLLM and SGLang are optional extras, imported
+only when chosen, so a laptop install never needs them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from asyncrl.rollout.engines.base import Engine, EngineError
+
+if TYPE_CHECKING:
+    from asyncrl.config import Config
+
+__all__ = ["Engine", "EngineError", "build_engine"]
+
+
+def build_engine(cfg: "Config", tokenizer) -> Engine:
+    """The engine `cfg.rollout.engine` names, on version -1 until the learner's version 0 arrives."""
+    rc = cfg.rollout
+    if rc.engine == "torch":
+        engine = _torch_engine(cfg, tokenizer)
+    elif rc.engine == "sglang":
+        from asyncrl.rollout.engines.sglang import SGLangEngine
+
+        engine = SGLangEngine(
+            rc.engine_url, tokenizer.eos_token_id, timeout_s=rc.engine_timeout_s,
+            weight_update=rc.engine_weight_update, launch=rc.engine_launch,
+            start_timeout_s=rc.engine_start_timeout_s, check_version=rc.engine_check_version,
+        )
+    elif rc.engine == "vllm":
+        from asyncrl.rollout.engines.vllm import VLLMEngine
+
+        engine = VLLMEngine(cfg.model.path, tokenizer.eos_token_id, engine_args=rc.engine_args)
+    else:
+        raise EngineError(f"rollout.engine={rc.engine!r}; choose torch, vllm or sglang")
+    engine.version = -1  # nothing verified yet: version 0 must come from the learner
+    return engine
+
+
+def _torch_engine(cfg: "Config", tokenizer) -> Engine:
+    from asyncrl.modeling import build_model
+    from asyncrl.rollout.engine import TorchEngine
+
+    model = build_model(cfg.model, cfg.rollout.device)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if tokenizer.vocab_size > vocab:
+        raise ValueError(
+            f"task {cfg.task.name!r} needs a vocabulary of {tokenizer.vocab_size} tokens but model.vocab_size is "
+            f"{vocab}; set model.vocab_size >= {tokenizer.vocab_size}"
+        )
+    model.eval()
+    return TorchEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.rollout.device)
