@@ -201,6 +201,16 @@ class QueueConfig(Section):
     """Messages larger than this are rejected."""
     request_timeout_s: float = Field(30.0, gt=0.0)
     """A client resends a request that got no reply for this long, then gives up after retries."""
+    lease_s: float = Field(120.0, gt=0.0)
+    """Groups handed to a learner and not acknowledged within this long are delivered again."""
+    ticket_lease_s: float = Field(300.0, gt=0.0)
+    """A rollout server silent this long loses its outstanding admission tickets."""
+    seen_capacity: int = Field(1 << 18, ge=1)
+    """Most ids of settled groups remembered to recognise resends (about 100 bytes each)."""
+    resend_window_s: float = Field(3600.0, gt=0.0)
+    """How long a settled group's id is remembered; later resends are not recognised."""
+    max_batch_groups: int = Field(1024, ge=1)
+    """Most groups one put message may carry."""
 
 
 class WeightsConfig(Section):
