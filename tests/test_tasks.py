@@ -433,7 +433,7 @@ def test_build_task_builds_each_builtin_with_the_char_tokenizer():
 
 
 def test_build_task_unknown_name_lists_the_valid_names():
-    with pytest.raises(ValueError, match=r"'sort'.*\['repeat', 'reverse', 'add_mod', 'dataset'\]"):
+    with pytest.raises(ValueError, match=r"'sort'.*\['repeat', 'reverse', 'add_mod', 'longtail', 'dataset'\]"):
         build_task(TaskConfig(name="sort"))
 
 

@@ -1,16 +1,18 @@
 """Built-in verifiable digit tasks that a tiny random-init transformer learns by RL alone on a CPU.
 
 Every prompt is BOS, k random digits and '=' (k = task.num_digits), in the fixed `CharTokenizer`
-vocabulary. The rewards give partial credit per correct position so that a random policy already
-sees a small, non-zero, varying signal: GRPO learns nothing from a group whose rewards are all equal.
-A response counts up to and including its first EOS; anything after an EOS is ignored, since the
-engine stops there. This module must never read files or keep random state: prompts come only
-from the generator handed in.
+vocabulary; except `longtail`, whose prompt is a digit, a space, a count and '='. The rewards give
+partial credit per correct position so that a random policy already sees a small, non-zero,
+varying signal: GRPO learns nothing from a group whose rewards are all equal. A response counts up
+to and including its first EOS; anything after an EOS is ignored, since the engine stops there.
+This module must never read files or keep random state: prompts come only from the generator
+handed in.
 """
 
 from __future__ import annotations
 
 import random
+from itertools import accumulate
 
 from asyncrl.rollout.tasks.base import Prompt
 from asyncrl.rollout.tasks.tokenizer import CharTokenizer
@@ -86,4 +88,32 @@ class AddModTask(DigitTask):
         return str(sum(int(d) for d in digits) % 10)
 
 
-DIGIT_TASKS: dict[str, type[DigitTask]] = {t.name: t for t in (RepeatTask, ReverseTask, AddModTask)}
+class LongTailTask(DigitTask):
+    """'7 3=' -> '777' EOS: repeat digit d c times, with c long-tailed. Reward: `positional_reward` against c d's.
+
+    The count c follows a truncated Zipf law, P(c) proportional to c^-ZIPF_EXPONENT over
+    1..task.num_digits (here the longest count, not a prompt length): most answers are short, a few are
+    as long as task.num_digits. Real reasoning tasks have this shape, and it is where asynchrony pays
+    most: a synchronous step waits for its longest sample, since a generation batch ends only when all
+    its rows have. Set sampling.max_new_tokens to at least task.num_digits + 1 so the longest answer
+    and its EOS fit.
+    """
+
+    name = "longtail"
+    ZIPF_EXPONENT = 1.2
+    """Tail weight of the count law: smaller is a heavier tail. 1.2 gives c = 1 about a third of the time at num_digits 16."""
+
+    def __init__(self, num_digits: int) -> None:
+        super().__init__(num_digits)
+        # Cumulative weights once, so that sampling costs one random draw and a bisection.
+        self.count_cum_weights = list(accumulate(c ** -self.ZIPF_EXPONENT for c in range(1, num_digits + 1)))
+
+    def sample_prompt(self, rng: random.Random) -> Prompt:
+        digit = str(rng.randrange(10))
+        count = rng.choices(range(1, self.num_digits + 1), cum_weights=self.count_cum_weights)[0]
+        text = f"{digit} {count}="
+        tokens = [self.tokenizer.bos_token_id, *self.tokenizer.encode(text)]
+        return Prompt(tokens=tokens, text=text, reference=digit * count)
+
+
+DIGIT_TASKS: dict[str, type[DigitTask]] = {t.name: t for t in (RepeatTask, ReverseTask, AddModTask, LongTailTask)}
