@@ -22,7 +22,7 @@ def mean_reward(records):
 
 def test_shortened_quickstart_learns(tmp_path):
     out = tmp_path / "q"
-    result = run_cli("run", "configs/quickstart.yaml", "--out", str(out), "learner.steps=500", *port_overrides(), timeout=170)
+    result = run_cli("run", "configs/quickstart.yaml", "--out", str(out), "learner.steps=500", *port_overrides(), timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_records(out)
     assert [r["step"] for r in records] == list(range(1, 501))
@@ -39,7 +39,7 @@ def test_staleness_never_exceeds_the_bound(tmp_path, max_staleness, servers):
     result = run_cli(
         "run", "configs/quickstart.yaml", "--out", str(out), "learner.steps=60", f"max_staleness={max_staleness}",
         f"rollout.num_servers={servers}", "learner.groups_per_step=4", "rollout.groups_per_batch=4", *port_overrides(),
-        timeout=170,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_records(out)
