@@ -83,8 +83,8 @@ class SamplingConfig(Section):
 class RolloutConfig(Section):
     num_servers: int = Field(1, ge=1)
     """Rollout servers that `asyncrl run` starts."""
-    engine: Literal["torch", "vllm", "sglang"] = "torch"
-    """Generation engine: the embedded transformers engine, an in-process vLLM (extra 'vllm'), or an SGLang server (extra 'sglang'); see docs/engines.md."""
+    engine: Literal["torch", "continuous", "vllm", "sglang"] = "torch"
+    """Generation engine: the embedded transformers engine, the embedded continuous-batching engine (qwen2/llama), an in-process vLLM (extra 'vllm'), or an SGLang server (extra 'sglang'); see docs/engines.md."""
     engine_url: str = "http://127.0.0.1:30000"
     """SGLang: URL of the engine server to attach to (or that engine_launch starts)."""
     engine_launch: list[str] = []
@@ -103,6 +103,10 @@ class RolloutConfig(Section):
     """Groups one generation batch holds (n samples each)."""
     device: str = "cpu"
     """Torch device of the embedded engine."""
+    slots: int = Field(0, ge=0)
+    """Continuous engine: samples decoded at once; a finished one's slot is refilled from the batch's pending prompts. 0: every sample of a generation batch at once."""
+    compile: bool = False
+    """Continuous engine: torch.compile its per-token forward (dynamic shapes; the first batch pays the compile)."""
     threads: int = Field(1, ge=1)
     """Torch CPU threads per rollout server."""
     seed: int = 1

@@ -1,4 +1,4 @@
-"""Choosing the rollout engine: `rollout.engine: torch | vllm | sglang`, built in one place.
+"""Choosing the rollout engine: `rollout.engine: torch | continuous | vllm | sglang`, built in one place.
 
 `build_engine(cfg, tokenizer)` is the only place that knows which classes exist; the rollout server
 calls it and then speaks the interface in `base.py`. vLLM and SGLang are optional extras, imported
@@ -20,8 +20,8 @@ __all__ = ["Engine", "EngineError", "build_engine"]
 def build_engine(cfg: "Config", tokenizer) -> Engine:
     """The engine `cfg.rollout.engine` names, on version -1 until the learner's version 0 arrives."""
     rc = cfg.rollout
-    if rc.engine == "torch":
-        engine = _torch_engine(cfg, tokenizer)
+    if rc.engine in ("torch", "continuous"):
+        engine = _embedded_engine(cfg, tokenizer)
     elif rc.engine == "sglang":
         from asyncrl.rollout.engines.sglang import SGLangEngine
 
@@ -35,12 +35,12 @@ def build_engine(cfg: "Config", tokenizer) -> Engine:
 
         engine = VLLMEngine(cfg.model.path, tokenizer.eos_token_id, engine_args=rc.engine_args)
     else:
-        raise EngineError(f"rollout.engine={rc.engine!r}; choose torch, vllm or sglang")
+        raise EngineError(f"rollout.engine={rc.engine!r}; choose torch, continuous, vllm or sglang")
     engine.version = -1  # nothing verified yet: version 0 must come from the learner
     return engine
 
 
-def _torch_engine(cfg: "Config", tokenizer) -> Engine:
+def _embedded_engine(cfg: "Config", tokenizer) -> Engine:
     from asyncrl.modeling import build_model
     from asyncrl.rollout.engine import TorchEngine
 
@@ -52,4 +52,9 @@ def _torch_engine(cfg: "Config", tokenizer) -> Engine:
             f"{vocab}; set model.vocab_size >= {tokenizer.vocab_size}"
         )
     model.eval()
+    if cfg.rollout.engine == "continuous":
+        from asyncrl.rollout.engines.continuous import ContinuousEngine
+
+        return ContinuousEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.rollout.device,
+                                slots=cfg.rollout.slots, compile=cfg.rollout.compile)
     return TorchEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.rollout.device)
