@@ -1,6 +1,7 @@
 """Metric sinks: metrics.jsonl always, TensorBoard and offline W&B when configured, read back with their own readers."""
 
 import json
+import time
 
 import pytest
 
@@ -45,5 +46,8 @@ def test_wandb_sink_logs_offline_to_the_output_directory(tmp_path, monkeypatch):
     tracker.close()
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     # This wandb has no reader for its offline log; the keys are stored as plain strings in it.
-    data = run_file.read_bytes()
+    # Its writer is a separate service process that may still be flushing when finish() returns.
+    deadline = time.monotonic() + 15
+    while b"staleness_hist/1" not in (data := run_file.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert b"staleness_hist/1" in data and b"0.25" in data
