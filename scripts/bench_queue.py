@@ -8,9 +8,11 @@ loopback: small groups (~1 KiB) and large groups (~1 MiB). Two phases per transp
   latency     the producer paces one group at a time well below capacity; p50/p99 of receipt
               minus send (CLOCK_MONOTONIC is shared by all processes on a Linux machine).
 
-asyncrl runs its full path: a QueueServer process, a producer taking admission tickets and
-sending batched puts (encode_group), and a consumer that gets a step's batch, decodes and
-validates it, acknowledges it and moves its version on. Raw ZeroMQ is PUSH/PULL of the very
+asyncrl runs its full path: a QueueServer process, a producer taking admission tickets (in the
+replies to its puts) and sending batched puts (packed into 5 frames for small groups), and a
+consumer that long-polls for a step's batch (the server answers when it is ready), decodes it
+(headers and sizes checked; the arrays were validated by the server), acknowledges it and moves its
+version on. Raw ZeroMQ is PUSH/PULL of the very
 frames encode_group produces (the ceiling); Redis Streams is XADD/XREADGROUP/XACK on a real
 redis-server (pipelined in the same batch size asyncrl uses for small groups); multiprocessing.Queue
 pickles the TrajectoryGroup objects.
@@ -95,17 +97,21 @@ def asyncrl_producer(address: str, size: str, count: int, rate: float) -> None:
 
     payload, batch = Payload(size), SIZES[size][2]
     producer = QueueProducer(address, "bench-producer", timeout_s=30)
-    sent = 0
+    sent, granted = 0, 0
     while sent < count:
         want = 1 if rate else min(batch, count - sent)
-        granted, _ = producer.ticket(producer.learner_version, want)
+        if not granted:
+            granted, _ = producer.ticket(producer.learner_version, want)
         if not granted:
             time.sleep(0.0005)  # the staleness bound holds this engine back until the learner steps
             continue
-        producer.put_many([payload.group(producer.learner_version) for _ in range(granted)])
+        groups = [payload.group(producer.learner_version) for _ in range(granted)]
         sent += granted
+        # The next batch's tickets come in the put's reply: no separate ticket round trip.
+        _, granted, _ = producer.put_and_ticket(groups, producer.learner_version, min(want, count - sent))
         if rate:
             time.sleep(1.0 / rate)
+    producer.release(granted)
     producer.close()
 
 
@@ -118,9 +124,8 @@ def asyncrl_consumer(address: str, size: str, count: int, rate: float, out) -> N
     latencies, got = [], 0
     while got < count:
         # A step trains groups_per_step groups, as the admission formula assumes, however many each get takes.
-        lease, groups, _ = consumer.try_get(got // per_step, min(take, count - got))
+        lease, groups, _ = consumer.try_get(got // per_step, min(take, count - got), wait_ms=1000)
         if not groups:
-            time.sleep(0.0002)
             continue
         now = time.monotonic()
         latencies.extend(now - g.timings["sent"] for g in groups)

@@ -122,3 +122,55 @@ def test_unknown_protocol_version_and_garbage_get_error_replies(hand):
     assert (reply["ok"], reply["code"], reply["req"]) == (False, "bad_msgpack", None)
     reply, _ = hand.call("teleport")
     assert reply["code"] == "bad_op"
+
+
+def packed_batch(count, lens=(3, 2)):
+    """`count` groups as 'Packed batches' lays them out: headers and prompt lengths in the message
+    header, then 4 frames each holding every group's array back to back."""
+    ids, headers, arrays = [], [], [[], [], [], []]
+    for _ in range(count):
+        gid, frames = group_frames(lens=lens)
+        ids.append(gid)
+        headers.append(msgpack.unpackb(frames[0]))
+        for k in range(4):
+            arrays[k].append(frames[1 + k])
+    return ids, {"packed": True, "groups": count, "headers": headers, "plens": [3] * count}, [b"".join(a) for a in arrays]
+
+
+def test_packed_put_and_packed_get_as_documented(hand):
+    ids, fields, frames = packed_batch(3)
+    reply, _ = hand.call("put", frames, ticketed=False, **fields)
+    assert reply["statuses"] == ["accepted"] * 3
+    reply, out = hand.call("get", version=0, groups=3, consumer="hand", packed=True)
+    assert reply["groups"] == 3 and reply["packed"] is True and reply["plens"] == [3, 3, 3]
+    assert [h["id"] for h in reply["headers"]] == ids and out == frames
+
+
+def test_packed_put_with_a_short_frame_is_refused_whole(hand):
+    _, fields, frames = packed_batch(2)
+    reply, _ = hand.call("put", [frames[0], frames[1][:-4], frames[2], frames[3]], ticketed=False, **fields)
+    assert (reply["ok"], reply["code"]) == (False, "bad_frames")
+    assert hand.call("stats")[0]["stats"]["accepted"] == 0
+
+
+def test_put_asking_for_tickets_gets_them_in_its_reply(hand):
+    _, frames = group_frames()
+    reply, _ = hand.call("put", frames, want=10, version=0, engine="e")
+    # (K + version + 1) * B - usable = (1 + 0 + 1) * 2 - 1 = 3
+    assert (reply["status"], reply["granted"], reply["learner_version"], reply["closed"]) == ("accepted", 3, 0, False)
+
+
+def test_get_with_wait_ms_is_answered_when_the_batch_is_ready(hand):
+    putter = HandClient(hand.sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    hand.sock.send_multipart([msgpack.packb({"proto": 1, "op": "get", "req": 1, "version": 0, "groups": 1, "wait_ms": 5000})])
+    assert not hand.sock.poll(200), "a get with wait_ms must wait while no batch is ready"
+    putter.call("put", group_frames()[1], ticketed=False)
+    assert hand.sock.poll(2000), "the parked get must be answered once the put made a batch ready"
+    reply = msgpack.unpackb(hand.sock.recv_multipart()[0])
+    assert (reply["groups"], reply["req"]) == (1, 1)
+    putter.close()
+
+
+def test_get_with_wait_ms_answers_empty_when_the_wait_is_over(hand):
+    reply, out = hand.call("get", version=0, groups=1, wait_ms=100)
+    assert (reply["groups"], out) == (0, [])

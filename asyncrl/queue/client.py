@@ -15,7 +15,14 @@ from typing import Optional
 import zmq
 
 from asyncrl.protocol import TrajectoryGroup
-from asyncrl.queue.codec import GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, decode_groups, encode_group, pack, unpack_header
+from asyncrl.queue.codec import (
+    GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, decode_groups, decode_packed, encode_group, encode_packed, pack,
+    unpack_header,
+)
+
+PACK_TOKENS = 1 << 14
+"""put_many packs a batch into 5 frames (instead of 5 per group) while groups average fewer response
+tokens than this: per-frame costs dominate small groups, copies dominate large ones."""
 
 
 class QueueTimeout(TimeoutError):
@@ -124,13 +131,34 @@ class QueueProducer(_Client):
         Returns each group's final status, 'accepted' or 'duplicate'. Groups told to wait are resent,
         alone with the others that waited, after a pause that grows while the queue stays full.
         """
-        encoded = [encode_group(g) for g in groups]
+        return self._put_many(groups, ticketed, wait_s, None)[0]
+
+    def put_and_ticket(self, groups: list[TrajectoryGroup], version: int, want: int,
+                       ticketed: bool = True, wait_s: float = 0.01) -> tuple[list[str], int, bool]:
+        """put_many, asking in the same message for `want` tickets at `version`: (statuses, granted, closed).
+
+        Saves the ticket round trip of a producer that generates while it sends."""
+        statuses, reply = self._put_many(groups, ticketed, wait_s, {"want": want, "version": version})
+        self.learner_version = int(reply.get("learner_version", self.learner_version))
+        return statuses, int(reply.get("granted", 0)), bool(reply.get("closed"))
+
+    def _put_many(self, groups, ticketed: bool, wait_s: float, ask: Optional[dict]) -> tuple[list[str], dict]:
+        packed = bool(groups) and sum(len(s.tokens) for g in groups for s in g.samples) < PACK_TOKENS * len(groups)
+        encoded = None if packed else [encode_group(g) for g in groups]
         statuses: list[Optional[str]] = [None] * len(groups)
         pending = list(range(len(groups)))
-        pause = wait_s
+        pause, first = wait_s, {}
         while pending:
-            frames = [f for i in pending for f in encoded[i]]
-            reply, _ = self.request("put", {"ticketed": ticketed, "engine": self.name, "groups": len(pending)}, frames)
+            fields = {"ticketed": ticketed, "engine": self.name, "groups": len(pending)}
+            if packed:
+                headers, plens, frames = encode_packed([groups[i] for i in pending])
+                fields.update(packed=True, headers=headers, plens=plens)
+            else:
+                frames = [f for i in pending for f in encoded[i]]
+            if ask is not None and not first:
+                fields.update(ask)  # tickets are asked for once, in the first message
+            reply, _ = self.request("put", fields, frames)
+            first = first or reply
             waiting = []
             for i, status in zip(pending, reply["statuses"]):
                 if status == "wait":
@@ -143,40 +171,51 @@ class QueueProducer(_Client):
             else:
                 pause = wait_s
             pending = waiting
-        return statuses  # type: ignore[return-value]
+        return statuses, first  # type: ignore[return-value]
 
 
 class QueueConsumer(_Client):
     """Used by learners: take a step's batch under a lease, acknowledge it after the step."""
 
     def __init__(
-        self, address: str, name: str, vocab_size: Optional[int] = None, rank: Optional[int] = None, world: int = 1, **kwargs
+        self, address: str, name: str, vocab_size: Optional[int] = None, rank: Optional[int] = None, world: int = 1,
+        verify: bool = False, **kwargs
     ):
         """`rank`/`world`: this learner's data-parallel rank; each rank then receives its whole-group share
-        (groups / world) of the same step's batch. None keeps the plain get: the whole batch to this consumer."""
+        (groups / world) of the same step's batch. None keeps the plain get: the whole batch to this consumer.
+        `verify`: check every array again (NaN, vocabulary, versions); off by default, since the server
+        validated each group when it was put and sends its frames on unchanged. Headers and sizes are
+        always checked."""
         super().__init__(address, name, **kwargs)
         self.vocab_size = vocab_size
         self.rank = rank
         self.world = world
+        self.verify = verify
 
     def set_version(self, version: int) -> None:
         self.request("version", {"version": version})
 
-    def try_get(self, version: int, groups: int) -> tuple[Optional[int], list[TrajectoryGroup], bool]:
-        """(lease, groups, closed): an empty list when fewer than `groups` are ready.
+    def try_get(self, version: int, groups: int, wait_ms: int = 0) -> tuple[Optional[int], list[TrajectoryGroup], bool]:
+        """(lease, groups, closed): an empty list when fewer than `groups` are ready, after waiting up to
+        `wait_ms` for them (the server holds the request and answers as soon as they are).
 
         `groups` is the whole step's batch; with a rank set, this rank receives groups / world of them."""
-        fields = {"version": version, "groups": groups, "consumer": self.name}
+        fields = {"version": version, "groups": groups, "consumer": self.name, "packed": True}
+        if wait_ms:
+            fields["wait_ms"] = int(wait_ms)
         if self.rank is not None:
             fields.update(rank=self.rank, world=self.world)
         reply, frames = self.request("get", fields)
         count = int(reply["groups"])
         if count == 0:
             return None, [], bool(reply.get("closed"))
-        per = 1 + GROUP_FRAMES
-        if len(frames) != count * per:
-            raise ProtocolError("bad_frames", f"batch reply has {len(frames)} frames for {count} groups")
-        batch = decode_groups([f.buffer for f in frames], count, self.vocab_size)
+        buffers = [f.buffer for f in frames]
+        if reply.get("packed"):
+            batch = decode_packed(reply.get("headers"), reply.get("plens"), buffers, count, self.vocab_size, check=self.verify)
+        else:
+            if len(frames) != count * (1 + GROUP_FRAMES):
+                raise ProtocolError("bad_frames", f"batch reply has {len(frames)} frames for {count} groups")
+            batch = decode_groups(buffers, count, self.vocab_size, check=self.verify)
         return int(reply["lease"]), batch, False
 
     def get_batch(
@@ -186,6 +225,9 @@ class QueueConsumer(_Client):
         deadline = time.monotonic() + timeout_s
         pause = poll_s
         while not should_stop():
+            # Polling rather than a long-poll get (try_get's wait_ms): a parked get cuts the batch the
+            # moment `groups` are ready, which lets a group from a newer ticket overtake a slower engine's
+            # older one and pushes that one past K (a stale drop). Polling gives stragglers a few ms.
             lease, batch, _ = self.try_get(version, groups)
             if batch:
                 return lease, batch

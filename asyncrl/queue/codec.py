@@ -62,7 +62,19 @@ def _field(header: dict, key: str, kinds: tuple, where: str = "group") -> Any:
 def encode_group(group: TrajectoryGroup) -> list:
     """Header + 4 raw frames (bytes-like: `len` is the byte count); see docs/protocol.md."""
     samples = group.samples
-    header = {
+    # One copy per frame: concatenate writes straight into the buffer that becomes the frame.
+    return [
+        pack(_group_header(group)),
+        np.ascontiguousarray(group.prompt_tokens, _TOKENS).data.cast("B"),
+        _joined([s.tokens for s in samples], _TOKENS),
+        _joined([s.behav_logprobs for s in samples], _FLOATS),
+        _joined([s.versions for s in samples], _TOKENS),
+    ]
+
+
+def _group_header(group: TrajectoryGroup) -> dict:
+    samples = group.samples
+    return {
         "id": group.group_id,
         "task": group.task,
         "engine": group.engine_id,
@@ -73,14 +85,6 @@ def encode_group(group: TrajectoryGroup) -> list:
         "rewards": [float(s.reward) for s in samples],
         "finish": [s.finish_reason for s in samples],
     }
-    # One copy per frame: concatenate writes straight into the buffer that becomes the frame.
-    return [
-        pack(header),
-        np.ascontiguousarray(group.prompt_tokens, _TOKENS).data.cast("B"),
-        _joined([s.tokens for s in samples], _TOKENS),
-        _joined([s.behav_logprobs for s in samples], _FLOATS),
-        _joined([s.versions for s in samples], _TOKENS),
-    ]
 
 
 def _joined(arrays: list, dtype: np.dtype) -> memoryview:
@@ -114,7 +118,13 @@ def _parse_header(frames: list) -> tuple[dict, list, np.ndarray, np.ndarray, np.
     """Check one group's header and frame sizes; returns (header, lens, prompt, tokens, logprobs, versions)."""
     if len(frames) != 1 + GROUP_FRAMES:
         raise ProtocolError("bad_frames", f"a group is 1 header + {GROUP_FRAMES} array frames, got {len(frames)} frames")
-    header = unpack_header(bytes(frames[0]))
+    return _parse_fields(unpack_header(bytes(frames[0])), *frames[1:])
+
+
+def _parse_fields(header, prompt_frame, tokens_frame, logprobs_frame, versions_frame) -> tuple:
+    """Check one group's decoded header against its four array buffers."""
+    if not isinstance(header, dict):
+        raise ProtocolError("bad_schema", f"a group header must be a msgpack map, got {type(header).__name__}")
     group_id = _field(header, "id", (str,))
     if not 0 < len(group_id) <= 128:
         raise ProtocolError("bad_schema", f"group id must be 1..128 characters, got {len(group_id)}")
@@ -135,13 +145,14 @@ def _parse_header(frames: list) -> tuple[dict, list, np.ndarray, np.ndarray, np.
         raise ProtocolError("bad_value", f"group {group_id}: rewards must be finite numbers, got {rewards!r}")
     if not all(type(f) is str for f in finish) or not _FINISH.issuperset(finish):
         raise ProtocolError("bad_schema", f"group {group_id}: finish reasons must be one of {FINISH_REASONS}, got {finish!r}")
-    prompt = np.frombuffer(memoryview(frames[1]), dtype=_TOKENS) if len(frames[1]) % 4 == 0 else None
+    prompt_view = memoryview(prompt_frame)
+    prompt = np.frombuffer(prompt_view, dtype=_TOKENS) if prompt_view.nbytes % 4 == 0 else None
     if prompt is None or len(prompt) == 0:
         raise ProtocolError("bad_frames", f"group {group_id}: prompt frame must hold at least one int32 token")
     total = sum(lens)
-    tokens = _array(frames[2], _TOKENS, total, "tokens")
-    logprobs = _array(frames[3], _FLOATS, total, "behav_logprobs")
-    versions = _array(frames[4], _TOKENS, total, "versions")
+    tokens = _array(tokens_frame, _TOKENS, total, "tokens")
+    logprobs = _array(logprobs_frame, _FLOATS, total, "behav_logprobs")
+    versions = _array(versions_frame, _TOKENS, total, "versions")
     return header, lens, prompt, tokens, logprobs, versions
 
 
@@ -168,12 +179,7 @@ _JOIN_LIMIT = 1 << 16
 
 
 def _parse_many(frames: list, count: int, vocab_size: Optional[int], max_version: Optional[int]) -> list[tuple]:
-    """Validate `count` groups laid end to end; returns each one's parsed parts plus its behaviour version.
-
-    For small groups the array checks run once over all groups joined (a few numpy calls per
-    message instead of a few per group, which is what makes small groups fast); only when that finds a problem are the
-    groups checked one by one, to name the first bad one. A ProtocolError says which group it was.
-    """
+    """Validate `count` groups laid end to end; returns each one's parsed parts plus its behaviour version."""
     per = 1 + GROUP_FRAMES
     if len(frames) != count * per:
         raise ProtocolError("bad_frames", f"{count} group(s) need {count * per} frames, got {len(frames)}")
@@ -183,6 +189,114 @@ def _parse_many(frames: list, count: int, vocab_size: Optional[int], max_version
             parsed.append(_parse_header(frames[i * per : (i + 1) * per]))
         except ProtocolError as exc:
             raise _where(exc, i, count) from None
+    return _check_parsed(parsed, vocab_size, max_version)
+
+
+def _split_packed(headers, plens, frames: list, count: int) -> list[tuple]:
+    """Cut a packed batch (group headers, prompt lengths, 4 joined array frames) into per-group parts."""
+    if not isinstance(headers, list) or not isinstance(plens, list) or len(headers) != count or len(plens) != count:
+        raise ProtocolError("bad_schema", f"a packed batch of {count} group(s) needs 'headers' and 'plens' lists of {count}")
+    if len(frames) != GROUP_FRAMES:
+        raise ProtocolError("bad_frames", f"a packed batch is {GROUP_FRAMES} array frames after the header, got {len(frames)}")
+    if not all(type(n) is int and n >= 1 for n in plens):
+        raise ProtocolError("bad_schema", f"'plens' must be positive integers, got {plens!r:.200}")
+    lens = [h.get("lens") if isinstance(h, dict) else None for h in headers]
+    if not all(isinstance(x, list) and all(type(n) is int and n >= 1 for n in x) for x in lens):
+        # Sizes first, so the cuts below are well defined; _parse_fields names the group and field.
+        bad = next(i for i, x in enumerate(lens) if not (isinstance(x, list) and all(type(n) is int and n >= 1 for n in x)))
+        try:
+            _parse_fields(headers[bad], b"\0\0\0\0", b"", b"", b"")
+        except ProtocolError as exc:
+            raise _where(exc, bad, count) from None
+        raise _where(ProtocolError("bad_schema", "lens must be a list of positive integers"), bad, count)
+    totals = [sum(x) for x in lens]
+    arrays = []
+    for frame, dtype, width, name in zip(frames, (_TOKENS, _TOKENS, _FLOATS, _TOKENS), (sum(plens),) + (sum(totals),) * 3,
+                                         ("prompts", "tokens", "behav_logprobs", "versions")):
+        arrays.append(_array(frame, dtype, width, name))
+    prompts, tokens, logprobs, versions = arrays
+    parts, p, t = [], 0, 0
+    for header, plen, total in zip(headers, plens, totals):
+        p2, t2 = p + plen, t + total
+        parts.append((header, prompts[p:p2], tokens[t:t2], logprobs[t:t2], versions[t:t2]))
+        p, t = p2, t2
+    return parts
+
+
+def _plausible(header) -> bool:
+    """The common case of _parse_fields's header checks, in a few C-level calls; False sends the
+    group to _parse_fields, which finds and names the problem (or accepts a false alarm)."""
+    try:
+        gid, lens, rewards, finish = header["id"], header["lens"], header["rewards"], header["finish"]
+        return (
+            type(gid) is str and 0 < len(gid) <= 128 and type(lens) is list and type(rewards) is list
+            and type(finish) is list and 0 < len(lens) == len(rewards) == len(finish)
+            and _INT_ONLY.issuperset(map(type, lens)) and min(lens) >= 1
+            and _NUMBER.issuperset(map(type, rewards)) and math.isfinite(sum(rewards))
+            and _STR_ONLY.issuperset(map(type, finish)) and _FINISH.issuperset(finish)
+        )
+    except (KeyError, TypeError):
+        return False
+
+
+_INT_ONLY, _NUMBER, _STR_ONLY = frozenset([int]), frozenset([int, float]), frozenset([str])
+
+
+def parse_packed(headers, plens, frames: list, count: int, vocab_size: Optional[int] = None,
+                 max_version: Optional[int] = None, check: bool = True) -> list[tuple]:
+    """Validate a packed batch: per group (header, lens, prompt, tokens, logprobs, versions, behaviour version)."""
+    parts = _split_packed(headers, plens, frames, count)
+    parsed = []
+    for i, part in enumerate(parts):
+        header = part[0]
+        if _plausible(header):
+            p, t, lp, v = part[1:]
+            parsed.append((header, header["lens"], p, t, lp, v))
+            continue
+        try:
+            parsed.append(_parse_fields(*part))
+        except ProtocolError as exc:
+            raise _where(exc, i, count) from None
+    if not check:
+        return [(*p, None) for p in parsed]
+    return _check_parsed(parsed, vocab_size, max_version)
+
+
+def encode_packed(groups: list[TrajectoryGroup]) -> tuple[list[dict], list[int], list]:
+    """(group headers, prompt lengths, 4 joined array frames): a batch in 5 frames instead of 5 per group."""
+    headers = [_group_header(g) for g in groups]
+    plens = [int(len(g.prompt_tokens)) for g in groups]
+    samples = [s for g in groups for s in g.samples]
+    frames = [
+        _joined([g.prompt_tokens for g in groups], _TOKENS),
+        _joined([s.tokens for s in samples], _TOKENS),
+        _joined([s.behav_logprobs for s in samples], _FLOATS),
+        _joined([s.versions for s in samples], _TOKENS),
+    ]
+    return headers, plens, frames
+
+
+def pack_arrays(headers: list[dict], groups_arrays: list[list]) -> tuple[list[dict], list[int], list[bytes]]:
+    """Join already validated groups (their headers and 4 array frames each) into a packed batch."""
+    plens = [len(a[0]) // 4 for a in groups_arrays]
+    return headers, plens, [b"".join(a[k] for a in groups_arrays) for k in range(GROUP_FRAMES)]
+
+
+def decode_packed(headers, plens, frames: list, count: int, vocab_size: Optional[int] = None,
+                  max_version: Optional[int] = None, check: bool = True) -> list[TrajectoryGroup]:
+    """Decode a packed batch; `check=False` trusts a sender that validated the arrays (the queue server)
+    and checks only the headers and sizes."""
+    return [_build(*p[:6]) for p in parse_packed(headers, plens, frames, count, vocab_size, max_version, check)]
+
+
+def _check_parsed(parsed: list, vocab_size: Optional[int], max_version: Optional[int]) -> list[tuple]:
+    """Array checks of parsed groups; returns each one's parts plus its behaviour version.
+
+    For small groups the checks run once over all groups joined (a few numpy calls per message
+    instead of a few per group, which is what makes small groups fast); only when that finds a
+    problem are the groups checked one by one, to name the first bad one.
+    """
+    count = len(parsed)
     if count == 1 or sum(len(p[3]) for p in parsed) > _JOIN_LIMIT:
         checked = []
         for i, p in enumerate(parsed):
@@ -211,6 +325,11 @@ def _where(exc: ProtocolError, index: int, count: int) -> ProtocolError:
     return ProtocolError(exc.code, f"group {index} of {count}: {exc}") if count > 1 else exc
 
 
+def parse_groups(frames: list, count: int, vocab_size: Optional[int] = None, max_version: Optional[int] = None):
+    """Validate `count` groups laid end to end: [(decoded group header, behaviour version)]."""
+    return [(p[0], p[6]) for p in _parse_many(frames, count, vocab_size, max_version)]
+
+
 def inspect_groups(frames: list, count: int, vocab_size: Optional[int] = None, max_version: Optional[int] = None):
     """Validate `count` groups as decode_groups does, without building them: [(group id, behaviour version)]."""
     return [(p[0]["id"], p[6]) for p in _parse_many(frames, count, vocab_size, max_version)]
@@ -222,9 +341,15 @@ def inspect_group(frames: list, vocab_size: Optional[int] = None, max_version: O
 
 
 def decode_groups(
-    frames: list, count: int, vocab_size: Optional[int] = None, max_version: Optional[int] = None
+    frames: list, count: int, vocab_size: Optional[int] = None, max_version: Optional[int] = None, check: bool = True
 ) -> list[TrajectoryGroup]:
-    """Validate and decode `count` groups laid end to end (a batch reply, a batched put)."""
+    """Validate and decode `count` groups laid end to end (a batch reply, a batched put); `check=False`
+    trusts a sender that validated the arrays (the queue server) and checks only headers and sizes."""
+    per = 1 + GROUP_FRAMES
+    if not check:
+        if len(frames) != count * per:
+            raise ProtocolError("bad_frames", f"{count} group(s) need {count * per} frames, got {len(frames)}")
+        return [_build(*_parse_header(frames[i * per : (i + 1) * per])) for i in range(count)]
     return [_build(*p[:6]) for p in _parse_many(frames, count, vocab_size, max_version)]
 
 

@@ -30,11 +30,18 @@ from typing import Callable, Optional, Protocol
 import zmq
 
 from asyncrl.queue.admission import Admission, is_stale
-from asyncrl.queue.codec import GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, inspect_groups, pack, unpack_header
+from asyncrl.queue.codec import (
+    GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, pack, pack_arrays, parse_groups, parse_packed, unpack_header,
+)
 
 log = logging.getLogger("asyncrl.queue")
 
 _PER_GROUP = 1 + GROUP_FRAMES
+PACK_LIMIT = 64 << 10
+"""Get replies are packed (5 frames in all) only while the average group is below this many bytes:
+joining copies, and for large groups the per-frame cost that packing saves is negligible."""
+MAX_WAIT_MS = 10_000
+"""Longest a get may ask to be parked (`wait_ms`); clients' request timeouts must exceed it."""
 
 
 class QueueObserver(Protocol):
@@ -48,9 +55,28 @@ class QueueObserver(Protocol):
 @dataclass
 class _Entry:
     group_id: str
-    frames: list
+    header: dict
+    arrays: list
+    """The 4 array frames."""
     nbytes: int
     behaviour_version: int
+    header_frame: Optional[bytes] = None
+
+    @property
+    def frames(self) -> list:
+        """The group's 5 frames; the header frame is packed on first use (a packed put has none)."""
+        if self.header_frame is None:
+            self.header_frame = pack(self.header)
+        return [self.header_frame, *self.arrays]
+
+
+@dataclass
+class _Parked:
+    """A get that found no full batch and waits, up to its deadline, for puts to fill one."""
+
+    identity: bytes
+    header: dict
+    deadline: float
 
 
 @dataclass
@@ -123,6 +149,10 @@ class QueueServer:
         self._steps: dict[int, _Step] = {}
         self._settled: OrderedDict[str, float] = OrderedDict()
         self._bytes = 0
+        self._parked: list[_Parked] = []
+        self._grew = False
+        """Groups became ready since parked gets were last looked at."""
+        self._identity = b""
         self._arrival = itertools.count()
         self._lease_ids = itertools.count(1)
         self._ctx = context or zmq.Context.instance()
@@ -152,7 +182,10 @@ class QueueServer:
         poller.register(self.socket, zmq.POLLIN)
         next_expiry = 0.0
         while not should_stop():
-            if poller.poll(poll_ms):
+            timeout = poll_ms
+            if self._parked:
+                timeout = max(0, min(poll_ms, int((min(p.deadline for p in self._parked) - time.monotonic()) * 1000) + 1))
+            if poller.poll(timeout):
                 # Drain what is waiting before polling again: one poll per message costs more than the message.
                 for _ in range(256):
                     if not self.handle_one(block=False):
@@ -161,6 +194,8 @@ class QueueServer:
             if now >= next_expiry:
                 self.expire_leases(now)
                 next_expiry = now + 0.05
+            if self._parked:
+                self.wake_parked(now)
 
     def handle_one(self, block: bool = True) -> bool:
         """Answer one request; False when `block` is off and none is waiting."""
@@ -170,9 +205,24 @@ class QueueServer:
             return False
         identity = frames[0].bytes
         self.last_request = time.monotonic()
+        self._identity = identity
         reply, payload = self._dispatch(frames[1:])
-        self.socket.send_multipart([identity, pack(reply), *payload], copy=False)
+        if reply is not None:  # None: a get parked until a batch is ready (see wake_parked)
+            self.socket.send_multipart([identity, pack(reply), *payload], copy=False)
+        if self._parked and self._grew:
+            self.wake_parked(time.monotonic())
         return True
+
+    def wake_parked(self, now: float) -> None:
+        """Answer parked gets whose batch is now ready, or whose wait is over (with no groups)."""
+        self._grew = False
+        parked, self._parked = self._parked, []
+        for p in parked:
+            reply, payload = self._dispatch_get(p.header)
+            if "ready" in reply and now < p.deadline and not self.closed:
+                self._parked.append(p)
+            else:
+                self.socket.send_multipart([p.identity, pack(reply), *payload], copy=False)
 
     def _dispatch(self, body: list) -> tuple[dict, list]:
         req = None
@@ -198,6 +248,8 @@ class QueueServer:
             if handler is None:
                 raise ProtocolError("bad_op", f"unknown op {op!r}; known: {sorted(self._handlers)}")
             reply, payload = handler(header, body[1:])
+            if reply is None:
+                return None, []
         except ProtocolError as exc:
             self.stats.rejected[exc.code] += 1
             for obs in self.observers:
@@ -267,38 +319,62 @@ class QueueServer:
         count = self._int(header, "groups") if batched else 1
         if not 1 <= count <= self.settings.max_batch_groups:
             raise ProtocolError("bad_schema", f"field 'groups' must be 1..{self.settings.max_batch_groups}, got {count}")
-        if len(frames) != count * _PER_GROUP:
+        packed = header.get("packed", False)
+        if not isinstance(packed, bool) or packed and not batched:
+            raise ProtocolError("bad_schema", f"field 'packed' must be a boolean and needs 'groups', got {packed!r}")
+        if not packed and len(frames) != count * _PER_GROUP:
             raise ProtocolError(
                 "bad_frames", f"put of {count} group(s) needs {count * _PER_GROUP} frames after the header, got {len(frames)}"
             )
+        # Checked before anything is accepted, so that a bad field refuses the whole put.
+        ask = (self._int(header, "want"), self._int(header, "version")) if "want" in header else None
         now = time.monotonic()
         try:
-            checked = inspect_groups(frames, count, self.settings.vocab_size, self.learner_version)
+            if packed:
+                parts = parse_packed(header.get("headers"), header.get("plens"), frames, count,
+                                     self.settings.vocab_size, self.learner_version)
+                # Copied out of the message so that each group's memory is freed when it settles.
+                groups = [(p[0], p[6], None, [a.tobytes() for a in p[2:6]]) for p in parts]
+            else:
+                checked = parse_groups(frames, count, self.settings.vocab_size, self.learner_version)
+                groups = [(h, version, frames[i * _PER_GROUP], frames[i * _PER_GROUP + 1 : (i + 1) * _PER_GROUP])
+                          for i, (h, version) in enumerate(checked)]
         except ProtocolError:
             # The whole message is refused; the producer will not resend it, so its tickets are spent.
             for _ in range(count):
                 self.admission.settle(accepted=False, ticketed=ticketed, engine=engine, now=now)
             raise
-        groups = [(gid, version, frames[i * _PER_GROUP : (i + 1) * _PER_GROUP]) for i, (gid, version) in enumerate(checked)]
-        statuses = [self._accept(gid, version, part, ticketed, engine, now) for gid, version, part in groups]
-        if batched:
-            return {"ok": True, "statuses": statuses, "accepted": statuses.count("accepted")}, []
-        return {"ok": True, "status": statuses[0]}, []
+        statuses = [self._accept(h, version, hframe, arrays, ticketed, engine, now) for h, version, hframe, arrays in groups]
+        reply = {"ok": True, "statuses": statuses, "accepted": statuses.count("accepted")} if batched else {"ok": True, "status": statuses[0]}
+        if ask is not None:
+            reply.update(self._grant(*ask, engine, now))
+        return reply, []
 
-    def _accept(self, gid: str, behaviour_version: int, frames: list, ticketed: bool, engine: str, now: float) -> str:
+    def _grant(self, want: int, version: int, engine: str, now: float) -> dict:
+        """Tickets asked for in a put (`want`, `version`), so a producer needs no separate ticket request."""
+        # Unlike a ticket request, a version from the future is not an error here: the groups are already
+        # accepted, and the producer learns the learner's version from this reply.
+        granted = 0 if self.closed or version > self.learner_version else self.admission.grant(version, want, engine, now)
+        return {"granted": granted, "learner_version": self.learner_version, "closed": self.closed}
+
+    def _accept(self, header: dict, behaviour_version: int, header_frame, arrays: list, ticketed: bool, engine: str,
+                now: float) -> str:
+        gid = header["id"]
         if self._known(gid):
             self.stats.duplicates += 1
             return "duplicate"
-        nbytes = sum(len(f) for f in frames)
+        # A packed group has no header frame yet; msgpack of its header is about the same size.
+        nbytes = sum(len(a) for a in arrays) + (len(header_frame) if header_frame is not None else 64 + 16 * len(header["lens"]))
         if self._full(nbytes):
             self.stats.waits += 1
             return "wait"
         self.admission.settle(accepted=True, ticketed=ticketed, engine=engine, now=now)
-        entry = _Entry(gid, list(frames), nbytes, behaviour_version)
+        entry = _Entry(gid, header, list(arrays), nbytes, behaviour_version, header_frame)
         self._entries[gid] = entry
         self._bytes += nbytes
         heapq.heappush(self._ready, (entry.behaviour_version, next(self._arrival), gid))
         self.stats.accepted += 1
+        self._grew = True
         for obs in self.observers:
             obs.on_accept(gid, entry.frames)
         return "accepted"
@@ -332,30 +408,57 @@ class QueueServer:
             self._drop(gid, "stale")
 
     def _lease(self, consumer: str, ids: list[str], version: int, step=None) -> tuple[int, list]:
+        """Lease `ids`; returns the lease id and the groups' entries."""
         lease_id = next(self._lease_ids)
         self._leases[lease_id] = _Lease(consumer, ids, time.monotonic() + self.settings.lease_s, version, step)
-        payload = []
-        for gid in ids:
-            payload.extend(self._entries[gid].frames)
         self.stats.delivered += len(ids)
-        return lease_id, payload
+        return lease_id, [self._entries[gid] for gid in ids]
 
-    def _get(self, header: dict, frames: list) -> tuple[dict, list]:
+    def _get(self, header: dict, frames: list, park: bool = True) -> tuple[Optional[dict], list]:
         version = self._int(header, "version")
         want = self._int(header, "groups")
         if want < 1:
             raise ProtocolError("bad_schema", "field 'groups' must be at least 1")
+        wait_ms = self._int(header, "wait_ms", 0)
+        if wait_ms > MAX_WAIT_MS:
+            raise ProtocolError("bad_schema", f"field 'wait_ms' must be 0..{MAX_WAIT_MS}, got {wait_ms}")
+        packed = header.get("packed", False)
+        if not isinstance(packed, bool):
+            raise ProtocolError("bad_schema", f"field 'packed' must be a boolean, got {packed!r}")
         consumer = str(header.get("consumer", ""))[:128]
         self.learner_version = max(self.learner_version, version)
         self._retire_steps()
         if "rank" in header or "world" in header:
-            return self._get_share(version, want, self._int(header, "rank", 0), self._int(header, "world", 1), consumer)
-        self._drop_stale(version)
-        if len(self._ready) < want:
-            return {"ok": True, "groups": 0, "ready": len(self._ready), "closed": self.closed}, []
-        ids = [heapq.heappop(self._ready)[2] for _ in range(want)]
-        lease_id, payload = self._lease(consumer, ids, version)
-        return {"ok": True, "groups": want, "lease": lease_id}, payload
+            reply, payload = self._get_share(version, want, self._int(header, "rank", 0), self._int(header, "world", 1), consumer)
+        else:
+            self._drop_stale(version)
+            if len(self._ready) < want:
+                reply, payload = {"ok": True, "groups": 0, "ready": len(self._ready), "closed": self.closed}, []
+            else:
+                ids = [heapq.heappop(self._ready)[2] for _ in range(want)]
+                lease_id, payload = self._lease(consumer, ids, version)
+                reply = {"ok": True, "groups": want, "lease": lease_id}
+        if park and wait_ms and "ready" in reply and not self.closed:
+            self._parked.append(_Parked(self._identity, header, time.monotonic() + wait_ms / 1000))
+            return None, []
+        entries = payload
+        if packed and entries and sum(e.nbytes for e in entries) < PACK_LIMIT * len(entries):
+            headers, plens, payload = pack_arrays([e.header for e in entries], [e.arrays for e in entries])
+            reply.update(packed=True, headers=headers, plens=plens)
+        else:
+            payload = [f for e in entries for f in e.frames]
+        return reply, payload
+
+    def _dispatch_get(self, header: dict) -> tuple[dict, list]:
+        """A parked get, looked at again."""
+        try:
+            reply, payload = self._get(header, [], park=False)
+        except ProtocolError as exc:  # cannot happen for a header that parked, but never lose the reply
+            self.stats.rejected[exc.code] += 1
+            reply, payload = {"ok": False, "code": exc.code, "error": str(exc)}, []
+        req = header.get("req")
+        reply["req"] = req if isinstance(req, int) and not isinstance(req, bool) else None
+        return reply, payload
 
     def _get_share(self, version: int, want: int, rank: int, world: int, consumer: str) -> tuple[dict, list]:
         """Rank `rank` of `world` learner ranks takes its share of the batch for the step holding `version`."""
@@ -414,6 +517,7 @@ class QueueServer:
         for gid in ids:
             heapq.heappush(self._ready, (self._entries[gid].behaviour_version, next(self._arrival), gid))
         self.stats.redelivered += len(ids)
+        self._grew = True
 
     def _retire_steps(self) -> None:
         """Shares of past steps that no rank holds go back to the ready set (a rank died or skipped)."""
