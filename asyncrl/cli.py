@@ -63,7 +63,8 @@ def main() -> None:
 @click.argument("config_path", type=click.Path())
 @overrides_arg
 @click.option("--out", default=None, help="Output directory (default runs/<run_name>).")
-def run(config_path: str, overrides: tuple[str, ...], out: Optional[str]) -> None:
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its newest checkpoint (learner.checkpoint_every > 0).")
+def run(config_path: str, overrides: tuple[str, ...], out: Optional[str], resume: bool) -> None:
     """Start the queue, one learner and N rollout servers on this machine, under supervision."""
     from asyncrl.supervisor import Supervisor
 
@@ -72,10 +73,10 @@ def run(config_path: str, overrides: tuple[str, ...], out: Optional[str]) -> Non
     cfg.out = str(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = out_dir / "metrics.jsonl"
-    if metrics.exists():
+    if metrics.exists() and not resume:
         metrics.unlink()  # a new run starts a new record; --out a fresh directory to keep old ones
     dump_config(cfg, out_dir / "config.yaml")
-    sys.exit(Supervisor(cfg, out_dir).run())
+    sys.exit(Supervisor(cfg, out_dir, resume=resume).run())
 
 
 @main.command()
@@ -169,7 +170,9 @@ def _serve_queue(cfg: Config, stop, linger_s: float = 0.0) -> None:
         resend_window_s=cfg.queue.resend_window_s,
         max_batch_groups=cfg.queue.max_batch_groups,
     )
-    server = QueueServer(cfg.queue.address, settings)
+    from asyncrl.security import curve_for
+
+    server = QueueServer(cfg.queue.address, settings, curve=curve_for(cfg.security, "queue"))
     mirror = None
     if cfg.replay.redis_url:
         from asyncrl.replay.mirror import ReplayMirror
@@ -218,7 +221,9 @@ def queue_stats(config_path: Optional[str], overrides: tuple[str, ...], as_json:
     from asyncrl.queue.client import QueueConsumer, QueueTimeout
 
     cfg = _load(config_path, overrides)
-    client = QueueConsumer(cfg.queue.address, name="stats", timeout_s=5.0, retries=0)
+    from asyncrl.security import curve_for
+
+    client = QueueConsumer(cfg.queue.address, name="stats", timeout_s=5.0, retries=0, curve=curve_for(cfg.security, "learner"))
     try:
         stats = client.stats()
     except QueueTimeout as exc:
@@ -251,6 +256,25 @@ def queue_stats(config_path: Optional[str], overrides: tuple[str, ...], as_json:
     table.add_row("tickets", f"{stats['tickets_running']} running, {stats.get('tickets_expired', 0)} expired; held {counts(stats.get('tickets_held', {}))}")
     table.add_row("closed", str(stats["closed"]))
     Console().print(table)
+
+
+@main.command()
+@click.argument("keys_dir", type=click.Path())
+@click.option("--force", is_flag=True, help="Replace keys already in KEYS_DIR (every peer then needs the new ones).")
+def keys(keys_dir: str, force: bool) -> None:
+    """Make CurveZMQ key pairs for the queue, the learner and rollout servers in KEYS_DIR.
+
+    Then run with security.curve=true security.keys_dir=KEYS_DIR; see docs/security.md for which
+    files each host needs."""
+    from asyncrl.security import SecurityError, create_keys
+
+    try:
+        made = create_keys(Path(keys_dir), force=force)
+    except SecurityError as exc:
+        raise click.ClickException(str(exc)) from None
+    for role, public in made.items():
+        click.echo(f"{role}: {public} (secret: {public}_secret)")
+    click.echo(f"authorized peers: {Path(keys_dir) / 'authorized'}")
 
 
 @main.command("config-doc")

@@ -245,6 +245,24 @@ class ReplayConfig(Section):
     """Most payload bytes waiting to be written; beyond it records are lost and counted."""
 
 
+class RunConfig(Section):
+    max_restarts: int = Field(5, ge=0)
+    """Times `asyncrl run` restarts each child that crashes before it gives up and stops the run; 0 stops at the first crash."""
+    restart_backoff_s: float = Field(1.0, gt=0.0)
+    """Wait before a child's first restart; each further restart of the same child doubles it, up to restart_backoff_max_s."""
+    restart_backoff_max_s: float = Field(30.0, gt=0.0)
+    """Longest wait before a restart."""
+    min_uptime_s: float = Field(20.0, ge=0.0)
+    """A child that exits with an error within this long of its first start is a setup error (bad config, missing file): the run stops instead of restarting it. A child killed by a signal is always restarted."""
+
+
+class SecurityConfig(Section):
+    curve: bool = False
+    """Authenticate and encrypt the queue and weights sockets with CurveZMQ; needs keys_dir (see docs/security.md)."""
+    keys_dir: Optional[str] = None
+    """Directory made by `asyncrl keys`: each role's key pair (queue, learner, rollout) and authorized/ with the public keys allowed in."""
+
+
 class Config(Section):
     run_name: str = "run"
     """Name of the run, used in logs and replay keys."""
@@ -272,6 +290,16 @@ class Config(Section):
     """Where metrics go besides metrics.jsonl."""
     replay: ReplayConfig = ReplayConfig()
     """The Redis replay mirror behind `asyncrl replay`."""
+    run: RunConfig = RunConfig()
+    """How `asyncrl run` supervises its children."""
+    security: SecurityConfig = SecurityConfig()
+    """Authentication of remote peers."""
+
+    @model_validator(mode="after")
+    def _curve_has_keys(self) -> "Config":
+        if self.security.curve and not self.security.keys_dir:
+            raise ValueError("security.curve=true needs security.keys_dir: make one with `asyncrl keys DIR`")
+        return self
 
     @model_validator(mode="after")
     def _sync_fits_staleness(self) -> "Config":

@@ -96,8 +96,13 @@ class Learner:
             from asyncrl.weights.broadcaster import WeightBroadcaster
 
             self.tracker = build_tracker(cfg, out_dir)
-            self.consumer = QueueConsumer(cfg.queue.address, name="learner-0", vocab_size=self._vocab_size())
-            self.broadcaster = WeightBroadcaster(cfg.weights.address)
+            from asyncrl.security import curve_for
+
+            curve = curve_for(cfg.security, "learner")
+            self.consumer = QueueConsumer(
+                cfg.queue.address, name="learner-0", vocab_size=self._vocab_size(), timeout_s=cfg.queue.request_timeout_s, curve=curve
+            )
+            self.broadcaster = WeightBroadcaster.from_config(cfg.weights, curve=curve)
             if out_dir is not None:
                 # One line per step: which groups went into which version. Audits contract 4.
                 self._ledger = open(out_dir / "trained_groups.jsonl", "a", buffering=1)
@@ -181,7 +186,8 @@ class Learner:
         cfg = self.cfg
         main = self.ranks.is_main
         if main:
-            self.consumer.hello("consumer")
+            # With its version: the queue then redelivers at once what a dead predecessor held.
+            self.consumer.hello("consumer", self.version)
             for lease in self._resume_leases:
                 self.consumer.ack(lease)  # in case the learner died between its checkpoint and the acks
         self.publish()

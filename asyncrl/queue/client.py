@@ -9,7 +9,9 @@ Must never import torch.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
+import uuid
 from typing import Optional
 
 import zmq
@@ -25,6 +27,9 @@ PACK_TOKENS = 1 << 14
 tokens than this: per-frame costs dominate small groups, copies dominate large ones."""
 
 
+log = logging.getLogger("asyncrl.queue")
+
+
 class QueueTimeout(TimeoutError):
     pass
 
@@ -38,8 +43,10 @@ class QueueRequestError(RuntimeError):
 
 
 class _Client:
-    def __init__(self, address: str, name: str, timeout_s: float = 30.0, retries: int = 3):
+    def __init__(self, address: str, name: str, timeout_s: float = 30.0, retries: int = 3, curve=None):
+        """`curve`: an `asyncrl.security.Curve` to authenticate with, or None for plain loopback."""
         self.address = address
+        self.curve = curve
         self.name = name
         self.timeout_s = timeout_s
         self.retries = retries
@@ -53,6 +60,8 @@ class _Client:
             self._socket.close(0)
         self._socket = self._ctx.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.client(self._socket, "queue")
         self._socket.connect(self.address)
 
     def request(self, op: str, fields: Optional[dict] = None, frames: list = ()) -> tuple[dict, list]:
@@ -71,14 +80,22 @@ class _Client:
                 if not reply.get("ok"):
                     raise QueueRequestError(str(reply.get("code")), f"queue at {self.address} refused {op}: {reply.get('error')}")
                 return reply, reply_frames[1:]
+            if attempt < self.retries:
+                log.warning("%s: queue at %s did not answer %r within %.0f s; reconnecting and resending (try %d of %d)",
+                            self.name, self.address, op, self.timeout_s, attempt + 2, self.retries + 1)
             self._connect()
         raise QueueTimeout(
             f"queue at {self.address} did not answer {op!r} within {self.timeout_s:.0f} s, {self.retries + 1} tries; "
             "is `asyncrl queue` (or the learner) running and reachable?"
         )
 
-    def hello(self, role: str) -> dict:
-        reply, _ = self.request("hello", {"role": role, "name": self.name})
+    def hello(self, role: str, version: Optional[int] = None) -> dict:
+        """Introduce this client. A consumer passes its policy version: the queue then hands back at
+        once what a predecessor of the same name held, and forgets versions above it (see docs/faults.md)."""
+        fields = {"role": role, "name": self.name}
+        if version is not None:
+            fields["version"] = version
+        reply, _ = self.request("hello", fields)
         return reply
 
     def stats(self) -> dict:
@@ -200,7 +217,9 @@ class QueueConsumer(_Client):
         `wait_ms` for them (the server holds the request and answers as soon as they are).
 
         `groups` is the whole step's batch; with a rank set, this rank receives groups / world of them."""
-        fields = {"version": version, "groups": groups, "consumer": self.name, "packed": True}
+        # One token per logical get, the same in its resends: a reply lost to a timeout does not
+        # leave behind a lease that nobody holds (the queue answers the resend with that lease).
+        fields = {"version": version, "groups": groups, "consumer": self.name, "packed": True, "token": uuid.uuid4().hex}
         if wait_ms:
             fields["wait_ms"] = int(wait_ms)
         if self.rank is not None:

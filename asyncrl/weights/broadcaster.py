@@ -48,7 +48,8 @@ def named_tensors(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
 
 class WeightBroadcaster:
     def __init__(self, address: str, bucket_bytes: int = DEFAULT_BUCKET_BYTES, shm_dir: Optional[str] = None,
-                 group: Optional[GroupPublisher] = None):
+                 group: Optional[GroupPublisher] = None, curve=None):
+        """`curve`: an `asyncrl.security.Curve`; serves with the learner's key to authorized engines only."""
         self.bucket_bytes = bucket_bytes
         self.shm_dir = shm_dir
         self.group = group
@@ -58,6 +59,8 @@ class WeightBroadcaster:
         # Bucket frames reference the published buffers (zero copy), so queueing them costs no
         # memory; a bounded queue would make ZeroMQ silently drop buckets to a slow engine.
         self._socket.setsockopt(zmq.SNDHWM, 0)
+        if curve is not None:
+            curve.server(self._socket, "weights")
         self._socket.bind(address)
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._lock = threading.Lock()
@@ -70,9 +73,9 @@ class WeightBroadcaster:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, wc, group: Optional[GroupPublisher] = None) -> "WeightBroadcaster":
+    def from_config(cls, wc, group: Optional[GroupPublisher] = None, curve=None) -> "WeightBroadcaster":
         """From `asyncrl.config.WeightsConfig`."""
-        return cls(wc.address, bucket_bytes=wc.bucket_bytes, shm_dir=wc.shm_dir, group=group)
+        return cls(wc.address, bucket_bytes=wc.bucket_bytes, shm_dir=wc.shm_dir, group=group, curve=curve)
 
     @property
     def version(self) -> int:
@@ -129,7 +132,9 @@ class WeightBroadcaster:
         with self._lock:
             current = self._current
         transport = header.get("transport", "zmq")
-        if current is None or current.version <= have or transport in ("gloo", "nccl"):
+        # Any version other than `have` is sent, an older one too: a learner resumed from a
+        # checkpoint is behind its engines, whose weights it no longer has.
+        if current is None or current.version == have or transport in ("gloo", "nccl"):
             latest = -1 if current is None else current.version
             self._socket.send_multipart([identity, pack({"ok": True, "version": latest, "unchanged": True})])
             return

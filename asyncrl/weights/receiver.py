@@ -1,6 +1,7 @@
 """Engine side of weight publication: fetch a newer version whole and verified, or keep the old one.
 
-`fetch` asks the learner for anything newer than the version held and returns it only once every
+`fetch` asks the learner for any version other than the one held (newer, or older after the learner
+resumed from a checkpoint) and returns it only once every
 bucket has arrived and passed its checksum; a bucket that is damaged, missing or late leaves the
 engine on its current weights (contract 6), and the next call asks again from scratch. Every
 answer carries the learner's newest version (`learner_version`), which the staleness gate uses.
@@ -32,7 +33,8 @@ Fetched = tuple[dict, list]
 
 class WeightReceiver:
     def __init__(self, address: str, engine_id: str, timeout_s: float = 30.0, transport: str = "zmq",
-                 group: Optional[GroupReceiver] = None):
+                 group: Optional[GroupReceiver] = None, curve=None):
+        """`curve`: an `asyncrl.security.Curve`; the learner must then prove its key (only it publishes)."""
         if transport not in TRANSPORTS:
             raise WeightsError(f"weights.transport={transport!r}; choose one of {', '.join(TRANSPORTS)}")
         if transport in ("gloo", "nccl") and group is None:
@@ -42,6 +44,7 @@ class WeightReceiver:
         self.timeout_s = timeout_s
         self.transport = transport
         self.group = group
+        self.curve = curve
         self.failures = 0
         self.learner_version = -1
         self.cancel = threading.Event()
@@ -55,6 +58,8 @@ class WeightReceiver:
             self._socket.close(0)
         self._socket = self._ctx.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.client(self._socket, "weights")
         self._socket.connect(self.address)
 
     def _fail(self, have: int, why: str) -> None:
@@ -74,7 +79,7 @@ class WeightReceiver:
         return self._socket.recv_multipart(copy=False)
 
     def fetch(self, have: int, running: Optional[int] = None) -> Optional[Fetched]:
-        """The newest version if it is newer than `have`, complete and verified; else None."""
+        """The learner's version if it differs from `have`, complete and verified; else None."""
         request = {"op": "fetch", "have": have, "running": have if running is None else running,
                    "engine": self.engine_id, "transport": self.transport}
         if self.group is not None and self.group.failed is not None:
@@ -93,7 +98,7 @@ class WeightReceiver:
             return None
         version = manifest.get("version")
         if isinstance(version, int):
-            self.learner_version = max(self.learner_version, version)
+            self.learner_version = version  # the learner's word, even backwards (resumed from a checkpoint)
         if manifest.get("unchanged"):
             return self.group.take(have) if request["transport"] in ("gloo", "nccl") else None
         try:
@@ -125,7 +130,7 @@ class WeightReceiver:
         return buffers
 
     def poll(self, have: int) -> Optional[tuple[int, dict[str, torch.Tensor]]]:
-        """(version, state) when the learner has a verified version newer than `have`, else None."""
+        """(version, state) when the learner has a verified version other than `have`, else None."""
         fetched = self.fetch(have)
         if fetched is None:
             return None
@@ -171,7 +176,9 @@ class Prefetcher:
         while not self._stop.is_set():
             with self._lock:
                 running = self._running
-                have = max(running, self._staged[0] if self._staged else -1)
+                # The staged version, when there is one, even if older than the running one: a
+                # learner resumed from a checkpoint went back, and the engine must follow it.
+                have = self._staged[0] if self._staged else running
             if running != self._acked and self.receiver.ack(running):
                 self._acked = running
             fetched = self.receiver.fetch(have, running)
