@@ -58,19 +58,25 @@ MODELS = {
 VLLM_SCRIPT = """
 import json, sys, time
 from vllm import LLM, SamplingParams
-spec = json.load(open(sys.argv[1]))
-llm = LLM(model=spec["model"], skip_tokenizer_init=True, dtype="float32", seed=0)
-params = SamplingParams(n=spec["n"], temperature=1.0, top_k=-1, top_p=1.0, max_tokens=spec["max_new_tokens"],
-                        stop_token_ids=spec["stop"], ignore_eos=False, detokenize=False)
-prompts = [{"prompt_token_ids": p} for p in spec["prompts"]]
-llm.generate(prompts[:2], params, use_tqdm=False)
-times, tokens = [], 0
-for _ in range(spec["repeats"]):
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    times.append(time.perf_counter() - start)
-    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-print("RESULT " + json.dumps({"tokens": tokens, "times": times}))
+
+def main():  # vLLM spawns its engine core, which re-imports this file: nothing may run at import
+    spec = json.load(open(sys.argv[1]))
+    # a small share of memory: the machine is shared, and these models need little KV cache
+    llm = LLM(model=spec["model"], skip_tokenizer_init=True, dtype="float32", seed=0, gpu_memory_utilization=0.08)
+    params = SamplingParams(n=spec["n"], temperature=1.0, top_k=-1, top_p=1.0, max_tokens=spec["max_new_tokens"],
+                            stop_token_ids=spec["stop"], ignore_eos=False, detokenize=False)
+    prompts = [{"prompt_token_ids": p} for p in spec["prompts"]]
+    llm.generate(prompts[:2], params, use_tqdm=False)
+    times, tokens = [], 0
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        times.append(time.perf_counter() - start)
+        tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    print("RESULT " + json.dumps({"tokens": tokens, "times": times}))
+
+if __name__ == "__main__":
+    main()
 """
 
 
@@ -143,7 +149,8 @@ def run_vllm(python: str, model, prompts, params, stop, repeats) -> dict:
         done = subprocess.run([python, str(script), str(spec)], capture_output=True, text=True, timeout=1800)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        return {"error": f"exit {done.returncode}: {done.stderr[-800:]}"}
+        causes = [line for line in (done.stdout + done.stderr).splitlines() if "Error:" in line and "WARNING" not in line]
+        return {"error": f"vllm exited {done.returncode}: {(causes or [done.stderr[-300:]])[0].strip()[-300:]}"}
     result = json.loads(lines[-1][len("RESULT "):])
     seconds = statistics.median(result["times"])
     return {"tokens": result["tokens"], "seconds": round(seconds, 4),
