@@ -55,6 +55,11 @@ def _zero_matches_torch(stage: int, tmp_path: Path, device: str = "cpu") -> None
     assert zero.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(zero[name].to(tensor.device), tensor, rtol=1e-4, atol=1e-5, msg=name)
+    published = torch.load(str(out) + ".published", weights_only=True)
+    # The tied output head is the embedding and travels once.
+    assert set(published) == set(reference) - {"lm_head.weight"}
+    for name, tensor in published.items():
+        torch.testing.assert_close(tensor.to(reference[name].device), reference[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_zero2_on_two_cpu_ranks_trains_the_same_weights_as_torch(tmp_path):
@@ -99,9 +104,12 @@ def _rank_main(stage: int, device: str, out: str) -> None:
     learner = make_learner("learner.backend=deepspeed", f"learner.zero_stage={stage}", f"learner.device={device}", BUDGET)
     for seed in range(STEPS):
         learner.step(groups_for_training(seed=seed))  # the same groups on every rank, as broadcast_groups gives them
+    # What the broadcaster is fed: every rank walks it (ZeRO-3 gathers one parameter at a time).
+    published = {name: tensor.detach().cpu().clone() for name, tensor in learner.backend.publish_tensors()}
     state = learner.backend.full_state_dict()
     if learner.ranks.is_main:
         torch.save({k: v.cpu() for k, v in state.items()}, out)
+        torch.save(published, out + ".published")
     learner.close()
     torch.distributed.destroy_process_group()
     os._exit(0)  # ZeRO-3's hooks may abort a normal interpreter exit

@@ -55,18 +55,6 @@ def shard_rows(num_rows: int, ranks: Ranks) -> slice:
     return slice(start, start + per + (1 if ranks.rank < extra else 0))
 
 
-def unique_tensors(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs with each storage once: a tied output head is the embedding, sent once."""
-    seen, out = set(), []
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        out.append((name, tensor))
-    return out
-
-
 class Learner:
     def __init__(self, cfg: Config, out_dir: Optional[Path] = None, pad_id: int = 0, resume: bool = False):
         self.cfg = cfg
@@ -132,12 +120,14 @@ class Learner:
         log.info("resumed from %s at policy version %d", path, meta.version)
 
     def publish(self) -> float:
-        state = self.backend.full_state_dict()  # collective: every rank takes part in gathering
+        tensors = self.backend.publish_tensors()  # collective under ZeRO-3: every rank walks it
         if not self.ranks.is_main:
+            for _ in tensors:
+                pass
             return 0.0
         # The queue must know the version before any engine can hold it, or their groups look "from the future".
         self.consumer.set_version(self.version)
-        return self.broadcaster.publish(unique_tensors(state), self.version)
+        return self.broadcaster.publish(tensors, self.version)
 
     def _next_batch(self, should_stop: Callable[[], bool]) -> Optional[list[TrajectoryGroup]]:
         """Rank 0: the next batch of groups not yet trained, or None to stop."""

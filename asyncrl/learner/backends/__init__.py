@@ -10,7 +10,7 @@ import rollout code, talk to the queue, or decide what to train on.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Iterator, Optional, Protocol
 
 import torch
 
@@ -31,10 +31,28 @@ class Backend(Protocol):
         """Clip gradients, update the parameters; returns the gradient norm before clipping."""
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Complete weights on rank 0 ({} elsewhere). Collective: every rank must call it."""
+    def publish_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs of the complete weights, each storage once, yielded on rank 0.
+
+        Collective: every rank must walk it to the end. A tensor is only valid until the next one
+        is asked for (ZeRO-3 gathers one parameter at a time), so no rank holds a second full copy.
+        """
     def save(self, directory: Path) -> None:
         """Model and optimizer state into `directory`. Collective."""
     def load(self, directory: Path) -> None:
         """Restore what `save` wrote. Collective."""
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs with each storage once: a tied output head is the embedding, sent once."""
+    seen, out = set(), []
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        out.append((name, tensor))
+    return out
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:

@@ -13,11 +13,12 @@ import rollout code or touch the queue.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from asyncrl.config import Config
-from asyncrl.learner.backends import freeze
+from asyncrl.learner.backends import freeze, unique_tensors
 from asyncrl.learner.distributed import Ranks
 from asyncrl.modeling import build_model
 
@@ -101,6 +102,20 @@ class DeepSpeedBackend:
                     clones[key] = tensor.detach().clone()
                 state[name] = clones[key]
             return state
+
+    def publish_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        module = self.engine.module
+        if self.stage < 3:
+            if self.ranks.is_main:
+                yield from unique_tensors(module.state_dict())
+            return
+        # One parameter gathered at a time; the broadcaster copies it into its bucket before it
+        # asks for the next, so no rank ever holds a second full copy of the model. Tied
+        # parameters appear once in named_parameters().
+        for name, param in module.named_parameters():
+            with self._ds.zero.GatheredParameters([param], modifier_rank=None):
+                if self.ranks.is_main:
+                    yield name, param.data
 
     def save(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)

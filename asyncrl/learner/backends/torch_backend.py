@@ -7,11 +7,12 @@ code or touch the queue.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from asyncrl.config import Config
-from asyncrl.learner.backends import freeze
+from asyncrl.learner.backends import freeze, unique_tensors
 from asyncrl.modeling import build_model
 
 STATE_FILE = "torch_state.pt"
@@ -41,6 +42,9 @@ class TorchBackend:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
+
+    def publish_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(unique_tensors(self.module.state_dict()))
 
     def save(self, directory: Path) -> None:
         torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}, directory / STATE_FILE)
