@@ -74,3 +74,8 @@ def test_cli_reports_config_error_without_traceback():
     assert result.returncode != 0
     assert "learner.lr = 'fast'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_config_reference_in_docs_is_current():
+    """docs/config.md is generated; regenerate it with `asyncrl config-doc > docs/config.md`."""
+    assert (ROOT / "docs/config.md").read_text() == config_reference() + "\n"
