@@ -52,7 +52,7 @@ class ModelConfig(Section):
 
 class TaskConfig(Section):
     name: str = "repeat"
-    """Built-in task (repeat, reverse, add_mod) or 'dataset' for a local jsonl/parquet file."""
+    """Built-in task (repeat, reverse, add_mod, longtail) or 'dataset' for a local jsonl/parquet file."""
     num_digits: int = Field(3, ge=1, le=16)
     """Digits per prompt for the built-in digit tasks."""
     path: Optional[str] = None
