@@ -217,3 +217,37 @@ def test_a_resent_get_whose_reply_was_lost_gets_the_same_lease(queue_server):
     stats = server.snapshot()
     assert leases[0] == leases[1]
     assert stats["leased"] == 2 and stats["depth"] == 2
+
+
+def groups_handed_over(out: Path) -> int:
+    """Groups the rollout servers had accepted by a queue, from their final log lines."""
+    return sum(int(line.split("stopped after ")[1].split()[0])
+               for log in (out / "logs").glob("rollout-*.log") for line in log.read_text().splitlines() if "stopped after" in line)
+
+
+def test_a_restarted_queue_is_rejoined_and_loses_at_most_what_it_held(tmp_path):
+    out = tmp_path / "run"
+    capacity = 16  # the documented bound on what a dead queue takes with it (docs/faults.md)
+    proc = start_run(out, "learner.steps=100000", f"queue.capacity_groups={capacity}")
+    try:
+        wait_for_step(out, 10, proc)
+        os.kill(child_pid(proc, "queue", "serve"), signal.SIGKILL)
+        killed_at = steps_done(out)
+        wait_for_step(out, killed_at + 20, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    # The learner and the rollout server reconnected by themselves: only the queue was restarted.
+    assert [(e["child"], e["exit"]) for e in restarts(out)] == [("queue", "killed by SIGKILL")]
+    trained = steps_done(out)
+    assert_each_group_trained_once(out, trained)
+    stats = final_queue_stats(out)  # the new queue's
+    assert stats["balanced"] and stats["acknowledged"] >= 20 * 4
+    # Every group handed over was trained, or dropped by the new queue with a reason, or held by the
+    # dead one: those are lost, at most queue.capacity_groups of them.
+    trained_ids = {gid for ids in lineage(out).values() for gid in ids}
+    lost = groups_handed_over(out) - len(trained_ids) - sum(stats["dropped"].values()) - stats["depth"] - stats["leased"]
+    assert 0 <= lost <= capacity

@@ -102,6 +102,11 @@ class Admission:
             self.expired += freed
             return freed
 
+    def consumed(self, count: int) -> None:
+        """Count `count` groups as trained already: a queue started under a learner past version 0."""
+        with self._lock:
+            self.usable += max(0, count)
+
     def unusable(self, count: int = 1) -> None:
         """Accepted groups dropped before training (stale, shutdown): they free their slots."""
         with self._lock:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import secrets
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -144,6 +145,9 @@ class QueueServer:
         self.stats = QueueStats()
         self.observers: list[QueueObserver] = []
         self.learner_version = 0
+        self.learner_known = False
+        """A consumer has told this queue its version; until then `learner_version` is 0 only by default
+        (a queue restarted under a running learner, see `_learner_at`)."""
         self.closed = False
         self.last_request = time.monotonic()
         self._entries: dict[str, _Entry] = {}
@@ -157,7 +161,9 @@ class QueueServer:
         """Groups became ready since parked gets were last looked at."""
         self._identity = b""
         self._arrival = itertools.count()
-        self._lease_ids = itertools.count(1)
+        # Lease ids start at a random point so that a restarted queue never takes an ack meant for
+        # its predecessor's lease (a learner acknowledges old leases after its next checkpoint).
+        self._lease_ids = itertools.count(secrets.randbits(40) << 12)
         self._ctx = context or zmq.Context.instance()
         self.socket = self._ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -404,6 +410,7 @@ class QueueServer:
         if "version" not in header:
             return
         version = self._int(header, "version")
+        self._learner_at(version)
         if version < self.learner_version:
             log.warning("consumer %s restarted at version %d, below %d: dropping groups of the lost versions",
                         name, version, self.learner_version)
@@ -417,8 +424,18 @@ class QueueServer:
             heapq.heapify(keep)
             self._ready = keep
 
+    def _learner_at(self, version: int) -> None:
+        """A consumer holds `version`: the learner's version never goes down here (see _consumer_started)."""
+        if not self.learner_known:
+            self.learner_known = True
+            # A queue (re)started under a learner already at v: the v·B groups its steps consumed count
+            # as used, as if this queue had served them; otherwise engines at v would be let start
+            # (K + v + 1)·B groups at once, most of which would arrive too stale to train.
+            self.admission.consumed(version * self.settings.groups_per_step)
+        self.learner_version = max(self.learner_version, version)
+
     def _version(self, header: dict, frames: list) -> tuple[dict, list]:
-        self.learner_version = max(self.learner_version, self._int(header, "version"))
+        self._learner_at(self._int(header, "version"))
         return {"ok": True, "learner_version": self.learner_version}, []
 
     def _settle(self, gid: str, now: float) -> _Entry:
@@ -471,7 +488,7 @@ class QueueServer:
                 return {"ok": True, "groups": len(lease.group_ids), "lease": lease_id}, [
                     f for gid in lease.group_ids for f in self._entries[gid].frames
                 ]
-        self.learner_version = max(self.learner_version, version)
+        self._learner_at(version)
         self._retire_steps()
         if "rank" in header or "world" in header:
             reply, payload = self._get_share(version, want, self._int(header, "rank", 0), self._int(header, "world", 1), consumer)
@@ -621,6 +638,7 @@ class QueueServer:
             "staleness": {str(k): v for k, v in sorted(s.staleness.items())},
             "balanced": s.accepted == s.acknowledged + dropped + depth + leased,
             "learner_version": self.learner_version,
+            "learner_known": self.learner_known,
             "tickets_running": self.admission.running,
             "tickets_expired": self.admission.expired,
             "tickets_held": self.admission.held(),
