@@ -151,10 +151,20 @@ class LearnerConfig(Section):
 
 
 class LossConfig(Section):
-    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
-    """Group advantage estimator: GRPO (mean/std), Dr. GRPO (mean only), RLOO, REINFORCE++ baseline."""
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] = "grpo"
+    """Advantage estimator: group baselines GRPO (mean/std), Dr. GRPO (mean only), RLOO, REINFORCE++; or 'gae' with a learned value head (PPO with critic)."""
     adv_eps: float = Field(1e-6, gt=0.0)
     """Added to the group std in GRPO."""
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    """GAE: discount per response token (1: the sequence reward counts fully at every token)."""
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    """GAE: lambda, from 0 (one-step TD error, low variance) to 1 (Monte Carlo return minus value, no value bias)."""
+    value_coef: float = Field(0.5, gt=0.0)
+    """GAE: weight of the value loss added to the policy loss."""
+    value_clip: Optional[float] = Field(0.2, gt=0.0)
+    """GAE: clip value updates to within this of the values before the update (PPO value clipping); null disables it."""
+    gae_whiten: bool = False
+    """GAE: normalise the policy's advantages to mean 0, std 1 over the batch's response tokens (returns stay raw); see docs/losses.md."""
     objective: Literal["decoupled", "behaviour"] = "decoupled"
     """'decoupled': clip against recomputed proximal log-probs and correct behaviour->proximal by importance weights; 'behaviour': plain PPO against the behaviour log-probs, no correction."""
     correction: Literal["tis", "seq_is", "mis", "geo_mask", "none"] = "tis"
@@ -299,6 +309,15 @@ class Config(Section):
     def _curve_has_keys(self) -> "Config":
         if self.security.curve and not self.security.keys_dir:
             raise ValueError("security.curve=true needs security.keys_dir: make one with `asyncrl keys DIR`")
+        return self
+
+    @model_validator(mode="after")
+    def _critic_on_torch(self) -> "Config":
+        if self.loss.advantage == "gae" and self.learner.backend != "torch":
+            raise ValueError(
+                f"loss.advantage=gae with learner.backend={self.learner.backend}: the value head is only built by the torch "
+                "backend; set learner.backend=torch, or choose a group estimator (loss.advantage=grpo, rloo, ...)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -119,20 +119,51 @@ def loss_weight(loss_mask: torch.Tensor, total_mask: torch.Tensor, agg: str) -> 
     return float(part) / max(float(whole), 1.0)
 
 
+@dataclass
+class ResponseForward:
+    """What one forward pass says about the response tokens; every tensor is [N, R] and 0 on padding."""
+
+    logprobs: torch.Tensor
+    entropy: Optional[torch.Tensor] = None
+    values: Optional[torch.Tensor] = None
+    """V_t, the value head's estimate of the state in which response token t was chosen."""
+
+
+def response_forward(
+    model: torch.nn.Module,
+    batch: Batch,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    value_head: Optional[torch.nn.Module] = None,
+) -> ResponseForward:
+    """Log-probs of the response tokens under `model` at the sampling temperature, with the
+    per-token entropy when asked, and with `value_head`'s values of the same positions."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        output_hidden_states=value_head is not None,
+    )
+    P = batch.prompt_len
+    # Position P - 1 + t holds the state in which response token t is chosen: its logits and its value.
+    logits = out.logits[:, P - 1 : -1, :].float() / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    token_logprobs = logprobs.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) * batch.loss_mask
+    entropy = values = None
+    if with_entropy:
+        # H = -sum_v p_v log p_v of the tempered distribution the engine sampled from.
+        entropy = -(logprobs.exp() * logprobs).sum(-1) * batch.loss_mask
+    if value_head is not None:
+        hidden = out.hidden_states[-1][:, P - 1 : -1, :]
+        values = value_head(hidden).squeeze(-1).float() * batch.loss_mask
+    return ResponseForward(token_logprobs, entropy, values)
+
+
 def response_logprobs(
     model: torch.nn.Module, batch: Batch, temperature: float = 1.0, with_entropy: bool = False
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(log-probs [N, R] of the response tokens, per-token entropy [N, R] or None) under `model`
     at the sampling temperature. Both are 0 on padding."""
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
-    ).logits
-    P = batch.prompt_len
-    logits = logits[:, P - 1 : -1, :].float() / temperature
-    logprobs = torch.log_softmax(logits, dim=-1)
-    token_logprobs = logprobs.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) * batch.loss_mask
-    entropy = None
-    if with_entropy:
-        # H = -sum_v p_v log p_v of the tempered distribution the engine sampled from.
-        entropy = -(logprobs.exp() * logprobs).sum(-1) * batch.loss_mask
-    return token_logprobs, entropy
+    forward = response_forward(model, batch, temperature, with_entropy)
+    return forward.logprobs, forward.entropy

@@ -5,6 +5,9 @@ decoupled loss needs proximal log-probs, those of version v before the update. E
 exactly one optimizer step, and gradient accumulation over micro-batches leaves the weights
 untouched until that step, so the training forward's own log-probs, detached, ARE the proximal
 log-probs: no second forward is needed (`learner.recompute_prox` forces one, for comparison).
+With `loss.advantage: gae` the same forward also gives the value head's values: detached, they
+are the old values from which each micro-batch computes its GAE advantages and returns, and with
+grad they feed the value loss, added to the policy loss times `loss.value_coef` (critic.py).
 
 Micro-batches (`learner.micro_batch_tokens`) split the batch by rows; each micro-batch loss is
 weighted by its share of the whole batch's normaliser, so the accumulated gradient equals the
@@ -30,10 +33,20 @@ import torch
 
 from asyncrl.config import Config
 from asyncrl.learner.backends import build_backend
-from asyncrl.learner.batch import Batch, collate, loss_weight, micro_batches, response_logprobs, select_rows
+from asyncrl.learner.batch import Batch, collate, loss_weight, micro_batches, response_forward, response_logprobs, select_rows
 from asyncrl.learner.checkpoint import CheckpointMeta, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from asyncrl.learner.critic import explained_variance, whiten
 from asyncrl.learner.distributed import Ranks, broadcast_groups, rank_device
-from asyncrl.learner.losses import LossSettings, PolicyLossInputs, group_advantages, kl_penalty, policy_loss
+from asyncrl.learner.losses import (
+    LossSettings,
+    PolicyLossInputs,
+    gae_advantages,
+    group_advantages,
+    kl_penalty,
+    last_token_rewards,
+    policy_loss,
+    value_loss,
+)
 from asyncrl.protocol import TrajectoryGroup
 from asyncrl.queue.client import queue_metrics
 
@@ -255,17 +268,32 @@ class Learner:
         batch = collate(groups, self.pad_id, self.device)
         budget = cfg.learner.micro_batch_tokens
         rewards = self._rewards(batch, micro_batches(batch, budget))
-        advantages = group_advantages(rewards, cfg.loss.advantage, cfg.loss.adv_eps).reshape(-1)
-        shard = select_rows(batch, shard_rows(batch.num_samples, self.ranks))
-        shard_adv = advantages[shard_rows(batch.num_samples, self.ranks)]
+        own = shard_rows(batch.num_samples, self.ranks)
+        shard = select_rows(batch, own)
+        head = self.backend.value_head
+        shard_adv = shard_returns = shard_old_values = None
+        values_s = 0.0
         micros = self._micro_plan(shard, budget)
+        if head is None:
+            shard_adv = group_advantages(rewards, cfg.loss.advantage, cfg.loss.adv_eps).reshape(-1)[own]
+        else:
+            shard_rewards = last_token_rewards(rewards.reshape(-1), batch.loss_mask)[own]
+            if cfg.loss.gae_whiten and len(micros) > 1:
+                # Whitening needs every old value of the shard before the first loss. Otherwise GAE
+                # is per sample, and each micro-batch's training forward gives its own old values.
+                t0 = time.perf_counter()
+                shard_old_values = self._values_before_update(shard, micros)
+                shard_adv, shard_returns = self._gae(shard_rewards, shard_old_values, shard.loss_mask)
+                values_s = time.perf_counter() - t0
         with_entropy = ls.entropy_coef > 0
         use_ref = self.backend.ref is not None and ls.kl_coef > 0
         temperature = cfg.sampling.temperature
         # DeepSpeed averages gradients over ranks; scaling by the world size makes that average
         # the gradient of the whole batch's loss.
         scale = self.ranks.world_size
-        parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "prox": [], "entropy": [], "ref": []}
+        parts: dict[str, list[torch.Tensor]] = {
+            "logprobs": [], "prox": [], "entropy": [], "ref": [], "adv": [], "values": [], "old_values": [], "returns": []
+        }
         outputs = []
         prox_s = 0.0
         self.backend.zero_grad()
@@ -275,40 +303,62 @@ class Learner:
             if use_ref:
                 with torch.no_grad():
                     ref_lp = response_logprobs(self.backend.ref, mb, temperature)[0]
-            prox = None
+            prox = old_values = None
             if cfg.learner.recompute_prox:
                 t0 = time.perf_counter()
                 with torch.no_grad():
-                    prox = response_logprobs(self.model, mb, temperature)[0]
+                    before = response_forward(self.model, mb, temperature, value_head=head)
+                prox, old_values = before.logprobs, before.values
                 prox_s += time.perf_counter() - t0
-            logprobs, entropy = response_logprobs(self.model, mb, temperature, with_entropy)
+            forward = response_forward(self.model, mb, temperature, with_entropy, value_head=head)
+            logprobs, entropy = forward.logprobs, forward.entropy
             prox = logprobs.detach() if prox is None else prox
+            returns = None
+            if shard_adv is not None:
+                adv = shard_adv[rows]
+                if head is not None:
+                    old_values, returns = shard_old_values[rows], shard_returns[rows]
+            else:
+                # This forward ran with the weights before the update: its values are the old values.
+                old_values = forward.values.detach() if old_values is None else old_values
+                adv, returns = self._gae(shard_rewards[rows], old_values, mb.loss_mask)
             out = policy_loss(
                 PolicyLossInputs(
                     logprobs=logprobs,
                     prox_logprobs=prox,
                     behav_logprobs=mb.behav_logprobs,
-                    advantages=shard_adv[rows],
+                    advantages=adv,
                     loss_mask=mb.loss_mask,
                     ref_logprobs=ref_lp,
                     entropy=entropy,
                 ),
                 ls,
             )
+            loss = out.loss
+            if head is not None:
+                critic = value_loss(forward.values, old_values, returns, mb.loss_mask, cfg.loss.value_clip, ls.agg)
+                loss = loss + cfg.loss.value_coef * critic.loss
             weight = loss_weight(mb.loss_mask, batch.loss_mask, ls.agg) * scale if weight_on else 0.0
-            self.backend.backward(out.loss * weight, last=i == len(micros) - 1)
+            self.backend.backward(loss * weight, last=i == len(micros) - 1)
             if weight_on:
                 outputs.append(out)
                 parts["logprobs"].append(logprobs.detach())
                 parts["prox"].append(prox)
                 parts["entropy"].append(entropy.detach() if entropy is not None else None)
                 parts["ref"].append(ref_lp)
+                parts["adv"].append(adv)
+                if head is not None:
+                    parts["values"].append(forward.values.detach())
+                    parts["old_values"].append(old_values)
+                    parts["returns"].append(returns)
         grad_norm = self.backend.step()
         self.version += 1
         if len(outputs) == 1:
-            metrics = outputs[0].metrics
+            metrics = dict(outputs[0].metrics)
         else:
-            metrics = self._shard_metrics(shard, shard_adv, parts)
+            metrics = self._shard_metrics(shard, torch.cat(parts["adv"]), parts)
+        if head is not None:
+            metrics.update(self._critic_metrics(shard, parts))
         staleness = [held - g.behaviour_version for g in groups]
         lengths = batch.loss_mask.sum(-1)
         return {
@@ -326,6 +376,7 @@ class Learner:
             "micro_batches": len(micros),
             "step_s": time.perf_counter() - step_start,
             "prox_s": prox_s,
+            **({"values_s": values_s} if head is not None else {}),
             **metrics,
         }
 
@@ -361,6 +412,37 @@ class Learner:
                 self.loss_settings,
             )
         return out.metrics
+
+    def _values_before_update(self, shard: Batch, micros: list[tuple[slice, bool]]) -> torch.Tensor:
+        """The value head's values of the whole shard under the current weights, without grad."""
+        with torch.no_grad():
+            parts = [
+                response_forward(self.model, select_rows(shard, rows), self.cfg.sampling.temperature, value_head=self.backend.value_head).values
+                for rows, counts in micros
+                if counts
+            ]
+        return torch.cat(parts)
+
+    def _gae(self, token_rewards: torch.Tensor, values: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(advantages for the policy loss, returns for the value loss) of the shard."""
+        lc = self.cfg.loss
+        advantages, returns = gae_advantages(token_rewards, values, loss_mask, lc.gamma, lc.lam)
+        if lc.gae_whiten:
+            advantages = whiten(advantages, loss_mask, lc.adv_eps)
+        return advantages, returns
+
+    def _critic_metrics(self, shard: Batch, parts: dict) -> dict:
+        """value_loss and value_clip_frac of the whole shard, and how much of the returns'
+        variance the values before the update explained."""
+        values, old_values, returns = (torch.cat(parts[k]) for k in ("values", "old_values", "returns"))
+        with torch.no_grad():
+            critic = value_loss(values, old_values, returns, shard.loss_mask, self.cfg.loss.value_clip, self.loss_settings.agg)
+        mask = shard.loss_mask.bool()
+        return {
+            **critic.metrics,
+            "explained_variance": explained_variance(old_values, returns, shard.loss_mask),
+            "value_mean": float(old_values[mask].mean()) if mask.any() else 0.0,
+        }
 
     def close(self) -> None:
         if self.tracker is not None:

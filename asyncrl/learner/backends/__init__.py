@@ -23,6 +23,8 @@ class Backend(Protocol):
     """Call it like the HF model: forward with grad on this rank's micro-batches."""
     ref: Optional[torch.nn.Module]
     """Frozen reference policy (version 0), or None when no KL penalty is configured."""
+    value_head: Optional[torch.nn.Module]
+    """The critic's value head (loss.advantage=gae), trained and checkpointed but never published; else None."""
 
     def zero_grad(self) -> None: ...
     def backward(self, loss: torch.Tensor, last: bool) -> None:

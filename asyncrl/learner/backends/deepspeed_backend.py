@@ -63,6 +63,8 @@ class DeepSpeedBackend:
         config = ds_config(cfg)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.module = self.engine
+        # No critic here: the config refuses loss.advantage=gae with learner.backend=deepspeed.
+        self.value_head = None
         self.ref = None
         if with_ref:
             ref = freeze(build_model(cfg.model, device))
