@@ -132,6 +132,8 @@ class QueueStats:
     redelivered: int = 0
     waits: int = 0
     dropped: Counter = field(default_factory=Counter)
+    accepted_by_engine: Counter = field(default_factory=Counter)
+    """Accepted groups per producer name: which engines are feeding the learner."""
     rejected: Counter = field(default_factory=Counter)
     staleness: Counter = field(default_factory=Counter)
     """Staleness of acknowledged (trained) groups: learner version at delivery minus behaviour version."""
@@ -391,6 +393,7 @@ class QueueServer:
         self._bytes += nbytes
         heapq.heappush(self._ready, (entry.behaviour_version, next(self._arrival), gid))
         self.stats.accepted += 1
+        self.stats.accepted_by_engine[engine] += 1
         self._grew = True
         for obs in self.observers:
             obs.on_accept(gid, entry.frames)
@@ -634,6 +637,7 @@ class QueueServer:
             "redelivered": s.redelivered,
             "waits": s.waits,
             "dropped": dict(s.dropped),
+            "accepted_by_engine": dict(s.accepted_by_engine),
             "rejected": dict(s.rejected),
             "staleness": {str(k): v for k, v in sorted(s.staleness.items())},
             "balanced": s.accepted == s.acknowledged + dropped + depth + leased,

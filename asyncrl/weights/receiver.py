@@ -67,14 +67,15 @@ class WeightReceiver:
         log.warning("%s: weights fetch failed, staying on version %d and asking again: %s", self.engine_id, have, why)
         self._connect()  # drops whatever is still in flight, so the next request starts clean
 
-    def _recv(self, have: int) -> Optional[list[zmq.Frame]]:
+    def _recv(self, have: int, awaited: str = "answer") -> Optional[list[zmq.Frame]]:
+        """The next message, or None after `timeout_s`; `awaited` names it in the log (a cut transfer says which bucket)."""
         deadline = time.monotonic() + self.timeout_s
         while not self._socket.poll(100, zmq.POLLIN):
             if self.cancel.is_set():
                 self._connect()
                 return None
             if time.monotonic() > deadline:
-                self._fail(have, f"no answer within {self.timeout_s} s from {self.address}")
+                self._fail(have, f"no {awaited} within {self.timeout_s} s from {self.address}")
                 return None
         return self._socket.recv_multipart(copy=False)
 
@@ -118,8 +119,9 @@ class WeightReceiver:
     def _stream(self, manifest: dict, have: int) -> Optional[list]:
         """Receive and verify the buckets as they arrive (checksumming overlaps the transfer)."""
         buffers = []
-        for index in range(len(manifest["buckets"])):
-            frames = self._recv(have)
+        count = len(manifest["buckets"])
+        for index in range(count):
+            frames = self._recv(have, f"bucket {index + 1} of {count} of version {manifest['version']}")
             if frames is None:
                 return None
             header = unpack_header(frames[0].bytes)
