@@ -28,6 +28,7 @@ from asyncrl.protocol import Sample, TrajectoryGroup, new_group_id
 from asyncrl.queue.client import QueueProducer, QueueRequestError
 from asyncrl.rollout.engine import SamplingParams, VersionedCompletion
 from asyncrl.rollout.engines import build_engine
+from asyncrl.rollout.engines.base import close as close_engine
 from asyncrl.rollout.tasks import build_task
 from asyncrl.security import curve_for
 from asyncrl.weights.receiver import Prefetcher, WeightReceiver
@@ -176,3 +177,4 @@ class RolloutServer:
     def close(self) -> None:
         self.producer.close()
         self.prefetcher.close()
+        close_engine(self.engine)  # stops an engine server this rollout server launched
