@@ -10,7 +10,9 @@ Three roles hold a key pair each, made by `asyncrl keys DIR` (zmq.auth.create_ce
 - ``rollout``: the client key of rollout servers, towards the queue and the weights socket.
 
 ``DIR/authorized/`` holds the public keys a server lets in (learner and rollout by default; add
-one file per extra host key). A server's ZAP handler (pyzmq's ThreadAuthenticator, one per
+one file per extra host key). The file's name is the peer's user id: on the queue, keys named
+``learner*.key`` may consume (get, ack, version, close, a consumer's hello) and every other key
+may only produce (ticket, put, release); see `may`. A server's ZAP handler (pyzmq's ThreadAuthenticator, one per
 ZeroMQ context) checks every connecting key against that directory; a refused key is logged at
 WARNING with the server it tried and counted in `refused`. A peer without Curve at all fails the
 handshake before ZAP is asked; `watch_handshakes` logs those from the socket's monitor.
@@ -30,6 +32,7 @@ from typing import Optional
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
 log = logging.getLogger("asyncrl.security")
@@ -38,6 +41,22 @@ ROLES = ("queue", "learner", "rollout")
 AUTHORIZED = "authorized"
 DOMAINS = {"queue": "asyncrl-queue", "weights": "asyncrl-weights"}
 """ZAP domain of each server socket: one authenticator tells the two apart."""
+
+CONSUMER_OPS = frozenset({"get", "ack", "version", "close"})
+"""Queue operations only a learner key may send; a consumer's hello too (it hands back leases)."""
+PRODUCER_OPS = frozenset({"ticket", "put", "release"})
+"""Queue operations only a rollout (non-learner) key may send."""
+LEARNER_PREFIX = "learner"
+
+
+def may(user_id: str, op: str, role: object = None) -> bool:
+    """Whether the peer whose key is authorized as `user_id` (the key file's name) may send `op`
+    (with hello's `role`) to the queue. Stats and a producer's hello are open to every authorized key."""
+    consumer = op in CONSUMER_OPS or (op == "hello" and role == "consumer")
+    if consumer or op in PRODUCER_OPS:
+        return user_id.startswith(LEARNER_PREFIX) == consumer
+    return True
+
 
 refused: dict[str, int] = {}
 """Refused connection attempts per server domain, since this process started."""
@@ -115,7 +134,12 @@ class _AuthorizedKeys:
 
     def __init__(self, location: Path):
         self.location = location
-        self.keys = {z85 for z85 in zmq.auth.load_certificates(str(location))} if location.is_dir() else set()
+        self.names: dict[bytes, str] = {}
+        """z85 public key -> user id (the key file's name without .key)."""
+        for path in sorted(location.glob("*.key")) if location.is_dir() else ():
+            public, _ = zmq.auth.load_certificate(str(path))
+            self.names[public] = path.stem
+        self.keys = set(self.names)
         if not self.keys:
             log.warning("no public keys in %s: every peer will be refused", location)
 
@@ -127,6 +151,16 @@ class _AuthorizedKeys:
         return False
 
 
+class _NamingAuthenticator(ThreadAuthenticator):
+    """Gives each accepted peer its key file's name as ZAP user id, which servers read per message
+    (the frame property "User-Id") to authorise operations."""
+
+    names: dict[bytes, str]
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.names.get(z85.encode(client_public_key), "")
+
+
 _authenticators: dict[int, ThreadAuthenticator] = {}
 _auth_lock = threading.Lock()
 
@@ -136,10 +170,12 @@ def authenticate(ctx: zmq.Context, location: Path) -> ThreadAuthenticator:
     with _auth_lock:
         auth = _authenticators.get(id(ctx))
         if auth is None:
-            auth = ThreadAuthenticator(ctx, log=logging.getLogger("asyncrl.security.zap"))
+            auth = _NamingAuthenticator(ctx, log=logging.getLogger("asyncrl.security.zap"))
+            auth.names = {}
             auth.start()
             _authenticators[id(ctx)] = auth
         provider = _AuthorizedKeys(location)
+        auth.names.update(provider.names)
         for domain in DOMAINS.values():
             auth.configure_curve_callback(domain, provider)
         return auth

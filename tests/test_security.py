@@ -1,6 +1,7 @@
 """CurveZMQ on the queue and weights sockets, with real sockets: keys from `asyncrl keys` let the
 right peers in; a peer without Curve or with an unknown key is refused and logged; only the
-learner's key can serve weights to engines. See docs/security.md."""
+learner's key consumes from the queue and only rollout keys produce; only the learner's key can
+serve weights to engines. See docs/security.md."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ import zmq.auth
 
 from asyncrl.config import ConfigError, ModelConfig, load_config
 from asyncrl.modeling import build_model
-from asyncrl.queue.client import QueueProducer, QueueTimeout
+from asyncrl.queue.client import QueueConsumer, QueueProducer, QueueRequestError, QueueTimeout
 from asyncrl.queue.server import QueueServer, QueueSettings
 from asyncrl.security import Curve, create_keys
 from asyncrl.weights.broadcaster import WeightBroadcaster
 from asyncrl.weights.receiver import WeightReceiver
 from conftest import ROOT, loopback, run_cli
+from test_codec import make_group
 
 
 @pytest.fixture
@@ -105,3 +107,34 @@ def test_only_the_learners_key_can_serve_weights_to_an_engine(keys, tmp_path):
             receiver.close()
             broadcaster.close()
         assert (result is not None and result[0] == 0) == served
+
+
+def test_a_rollout_key_trying_to_consume_is_refused_and_logged(keys, curve_queue, caplog):
+    caplog.set_level(logging.WARNING, "asyncrl.queue")
+    intruder = QueueConsumer(curve_queue.address, "learner-0", timeout_s=5, curve=Curve(keys, "rollout"))
+    try:
+        for attempt in (lambda: intruder.try_get(0, 2), lambda: intruder.ack(1), lambda: intruder.hello("consumer", 0)):
+            with pytest.raises(QueueRequestError) as refused:
+                attempt()
+            assert refused.value.code == "forbidden"
+        assert intruder.stats()["rejected"] == {"forbidden": 3}  # reading the counters is open to every key
+    finally:
+        intruder.close()
+    assert "rejected request: forbidden: the key authorized as 'rollout' may not send 'get'" in caplog.text
+
+
+def test_the_learners_key_consumes_and_may_not_produce(keys, curve_queue):
+    learner = QueueConsumer(curve_queue.address, "learner-0", timeout_s=5, curve=Curve(keys, "learner"))
+    as_producer = QueueProducer(curve_queue.address, "learner-0", timeout_s=5, curve=Curve(keys, "learner"))
+    rollout = QueueProducer(curve_queue.address, "rollout-0", timeout_s=5, curve=Curve(keys, "rollout"))
+    try:
+        assert learner.hello("consumer", 0)["ok"] and rollout.ticket(0, 2) == (2, False)
+        rollout.put(make_group(version=0))
+        rollout.put(make_group(version=0))
+        lease, batch = learner.get_batch(0, 2, timeout_s=5)
+        assert len(batch) == 2 and learner.ack(lease) == 2
+        with pytest.raises(QueueRequestError, match="may not send 'put'"):
+            as_producer.put(make_group(version=0), ticketed=False)
+    finally:
+        for client in (learner, as_producer, rollout):
+            client.close()

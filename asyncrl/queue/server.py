@@ -34,6 +34,7 @@ from asyncrl.queue.admission import Admission, is_stale
 from asyncrl.queue.codec import (
     GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, pack, pack_arrays, parse_groups, parse_packed, unpack_header,
 )
+from asyncrl.security import may
 
 log = logging.getLogger("asyncrl.queue")
 
@@ -172,6 +173,8 @@ class QueueServer:
         # Frames up to twice the limit still get an "oversized" error reply; beyond that the socket
         # itself drops the connection, so a hostile peer cannot make us buffer without bound.
         self.socket.setsockopt(zmq.MAXMSGSIZE, 2 * settings.max_message_bytes + (1 << 16))
+        self.authorize = curve is not None
+        """Check each request's key against its operation (security.may): on with Curve."""
         if curve is not None:
             curve.server(self.socket, "queue")
         self.socket.bind(address)
@@ -260,6 +263,8 @@ class QueueServer:
             handler = self._handlers.get(op) if isinstance(op, str) else None
             if handler is None:
                 raise ProtocolError("bad_op", f"unknown op {op!r}; known: {sorted(self._handlers)}")
+            if self.authorize:
+                self._check_permission(body[0], op, header)
             reply, payload = handler(header, body[1:])
             if reply is None:
                 return None, []
@@ -273,6 +278,17 @@ class QueueServer:
                 reply["proto"] = PROTOCOL_VERSION
         reply["req"] = req if isinstance(req, int) and not isinstance(req, bool) else None
         return reply, payload
+
+    @staticmethod
+    def _check_permission(frame, op: str, header: dict) -> None:
+        """Only learner keys consume, only the other keys produce (see asyncrl.security.may)."""
+        user = frame.get("User-Id")
+        if not may(user, op, header.get("role")):
+            raise ProtocolError(
+                "forbidden",
+                f"the key authorized as {user!r} may not send {op!r}: only keys named learner*.key in the "
+                "authorized directory may consume (get, ack, version, close), and only the others may produce",
+            )
 
     @staticmethod
     def _int(header: dict, key: str, default: Optional[int] = None) -> int:
