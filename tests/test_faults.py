@@ -78,7 +78,9 @@ def restarts(out: Path) -> list[dict]:
 
 def test_a_killed_rollout_server_is_restarted_and_training_continues_on_the_others(tmp_path):
     out = tmp_path / "run"
-    proc = start_run(out, "rollout.num_servers=2", "learner.steps=100000")
+    # K = 3: on a quiet machine steps take ~10 ms on one server's groups, and a restarted engine
+    # fetching each new version would stay more than K = 1 behind (waiting for weights) throughout.
+    proc = start_run(out, "rollout.num_servers=2", "learner.steps=100000", "max_staleness=3")
     log = out / "logs" / "rollout-1.log"
     try:
         wait_for_step(out, 10, proc)
