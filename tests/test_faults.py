@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from asyncrl.learner.checkpoint import checkpoint_dir, latest_checkpoint
-from conftest import ROOT, port_overrides
+from conftest import ROOT, port_overrides, run_cli
 
 FAST = [
     "learner.groups_per_step=4", "rollout.groups_per_batch=4", "sampling.n=4",
@@ -232,10 +232,17 @@ def groups_handed_over(out: Path) -> int:
 def test_a_restarted_queue_is_rejoined_and_loses_at_most_what_it_held(tmp_path):
     out = tmp_path / "run"
     capacity = 16  # the documented bound on what a dead queue takes with it (docs/faults.md)
-    proc = start_run(out, "learner.steps=100000", f"queue.capacity_groups={capacity}")
+    # K = 3 leaves admission room for ready groups beside a leased batch (at K = 1 the queue may hold none).
+    proc = start_run(out, "learner.steps=100000", f"queue.capacity_groups={capacity}", "max_staleness=3")
     try:
         wait_for_step(out, 10, proc)
+        # Stop the learner a moment, so that the queue holds ready groups when it dies: the loss is real.
+        learner = child_pid(proc, "learner")
+        os.kill(learner, signal.SIGSTOP)
+        time.sleep(1.5)  # rollouts fill the queue up to the admission bound
+        held = json.loads(run_cli("queue", "stats", "--json", "--config", str(out / "config.yaml")).stdout)["depth"]
         os.kill(child_pid(proc, "queue", "serve"), signal.SIGKILL)
+        os.kill(learner, signal.SIGCONT)
         killed_at = steps_done(out)
         wait_for_step(out, killed_at + 20, proc)
         proc.send_signal(signal.SIGTERM)
@@ -254,4 +261,4 @@ def test_a_restarted_queue_is_rejoined_and_loses_at_most_what_it_held(tmp_path):
     # dead one: those are lost, at most queue.capacity_groups of them.
     trained_ids = {gid for ids in lineage(out).values() for gid in ids}
     lost = groups_handed_over(out) - len(trained_ids) - sum(stats["dropped"].values()) - stats["depth"] - stats["leased"]
-    assert 0 <= lost <= capacity
+    assert 0 < held <= lost <= capacity
