@@ -24,9 +24,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional
 
 import zmq
 
@@ -34,6 +32,7 @@ from asyncrl.queue.admission import Admission, is_stale
 from asyncrl.queue.codec import (
     GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, pack, pack_arrays, parse_groups, parse_packed, unpack_header,
 )
+from asyncrl.queue.state import Entry, Lease, Parked, QueueObserver, QueueSettings, QueueStats, SettledIds, Step
 from asyncrl.security import may
 
 log = logging.getLogger("asyncrl.queue")
@@ -44,100 +43,6 @@ PACK_LIMIT = 64 << 10
 joining copies, and for large groups the per-frame cost that packing saves is negligible."""
 MAX_WAIT_MS = 10_000
 """Longest a get may ask to be parked (`wait_ms`); clients' request timeouts must exceed it."""
-
-
-class QueueObserver(Protocol):
-    """Sees the queue's decisions; must not block (the replay mirror buffers and returns)."""
-
-    def on_accept(self, group_id: str, frames: list) -> None: ...
-    def on_drop(self, group_id: str, reason: str, frames: list) -> None: ...
-    def on_reject(self, code: str, detail: str) -> None: ...
-
-
-@dataclass
-class _Entry:
-    group_id: str
-    header: dict
-    arrays: list
-    """The 4 array frames."""
-    nbytes: int
-    behaviour_version: int
-    header_frame: Optional[bytes] = None
-
-    @property
-    def frames(self) -> list:
-        """The group's 5 frames; the header frame is packed on first use (a packed put has none)."""
-        if self.header_frame is None:
-            self.header_frame = pack(self.header)
-        return [self.header_frame, *self.arrays]
-
-
-@dataclass
-class _Parked:
-    """A get that found no full batch and waits, up to its deadline, for puts to fill one."""
-
-    identity: bytes
-    header: dict
-    deadline: float
-
-
-@dataclass
-class _Lease:
-    consumer: str
-    group_ids: list[str]
-    deadline: float
-    version: int
-    step: Optional[tuple[int, int]] = None
-    """(version, rank) for a rank's share of a step batch; None for a plain get."""
-    token: Optional[str] = None
-    """The get's token: a resend of that get (its reply was lost) gets this lease again."""
-
-
-@dataclass
-class _Step:
-    """One step's batch, cut into `world` whole-group shares, one per learner rank."""
-
-    world: int
-    groups: int
-    shares: list[list[str]]
-    leases: list[Optional[int]]
-    done: list[bool]
-    """Acknowledged, or handed back to the ready set."""
-
-
-@dataclass
-class QueueSettings:
-    max_staleness: int
-    groups_per_step: int
-    capacity_groups: int = 1024
-    capacity_bytes: int = 256 << 20
-    max_message_bytes: int = 64 << 20
-    lease_s: float = 120.0
-    vocab_size: Optional[int] = None
-    ticket_lease_s: float = 300.0
-    """An engine silent (no ticket, put or release) this long loses its outstanding tickets."""
-    seen_capacity: int = 1 << 18
-    """Most ids of settled groups remembered for duplicate detection (about 100 bytes each)."""
-    resend_window_s: float = 3600.0
-    """How long the id of a settled group is remembered; resends later than this are not detected."""
-    max_batch_groups: int = 1024
-    """Most groups in one put message."""
-
-
-@dataclass
-class QueueStats:
-    accepted: int = 0
-    duplicates: int = 0
-    delivered: int = 0
-    acknowledged: int = 0
-    redelivered: int = 0
-    waits: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    accepted_by_engine: Counter = field(default_factory=Counter)
-    """Accepted groups per producer name: which engines are feeding the learner."""
-    rejected: Counter = field(default_factory=Counter)
-    staleness: Counter = field(default_factory=Counter)
-    """Staleness of acknowledged (trained) groups: learner version at delivery minus behaviour version."""
 
 
 class QueueServer:
@@ -153,13 +58,13 @@ class QueueServer:
         (a queue restarted under a running learner, see `_learner_at`)."""
         self.closed = False
         self.last_request = time.monotonic()
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, Entry] = {}
         self._ready: list[tuple[int, int, str]] = []  # (behaviour version, arrival, id): oldest first
-        self._leases: dict[int, _Lease] = {}
-        self._steps: dict[int, _Step] = {}
-        self._settled: OrderedDict[str, float] = OrderedDict()
+        self._leases: dict[int, Lease] = {}
+        self._steps: dict[int, Step] = {}
+        self._settled = SettledIds(settings.seen_capacity, settings.resend_window_s)
         self._bytes = 0
-        self._parked: list[_Parked] = []
+        self._parked: list[Parked] = []
         self._grew = False
         """Groups became ready since parked gets were last looked at."""
         self._identity = b""
@@ -404,7 +309,7 @@ class QueueServer:
             self.stats.waits += 1
             return "wait"
         self.admission.settle(accepted=True, ticketed=ticketed, engine=engine, now=now)
-        entry = _Entry(gid, header, list(arrays), nbytes, behaviour_version, header_frame)
+        entry = Entry(gid, header, list(arrays), nbytes, behaviour_version, header_frame)
         self._entries[gid] = entry
         self._bytes += nbytes
         heapq.heappush(self._ready, (entry.behaviour_version, next(self._arrival), gid))
@@ -457,14 +362,11 @@ class QueueServer:
         self._learner_at(self._int(header, "version"))
         return {"ok": True, "learner_version": self.learner_version}, []
 
-    def _settle(self, gid: str, now: float) -> _Entry:
+    def _settle(self, gid: str, now: float) -> Entry:
         """Forget a group's frames and remember its id for the resend window."""
         entry = self._entries.pop(gid)
         self._bytes -= entry.nbytes
-        settled = self._settled
-        settled[gid] = now
-        while settled and (len(settled) > self.settings.seen_capacity or next(iter(settled.values())) < now - self.settings.resend_window_s):
-            settled.popitem(last=False)
+        self._settled.add(gid, now)
         return entry
 
     def _drop(self, gid: str, reason: str) -> None:
@@ -482,7 +384,7 @@ class QueueServer:
     def _lease(self, consumer: str, ids: list[str], version: int, step=None, token=None) -> tuple[int, list]:
         """Lease `ids`; returns the lease id and the groups' entries."""
         lease_id = next(self._lease_ids)
-        self._leases[lease_id] = _Lease(consumer, ids, time.monotonic() + self.settings.lease_s, version, step, token)
+        self._leases[lease_id] = Lease(consumer, ids, time.monotonic() + self.settings.lease_s, version, step, token)
         self.stats.delivered += len(ids)
         return lease_id, [self._entries[gid] for gid in ids]
 
@@ -520,7 +422,7 @@ class QueueServer:
                 lease_id, payload = self._lease(consumer, ids, version, token=token)
                 reply = {"ok": True, "groups": want, "lease": lease_id}
         if park and wait_ms and "ready" in reply and not self.closed:
-            self._parked.append(_Parked(self._identity, header, time.monotonic() + wait_ms / 1000))
+            self._parked.append(Parked(self._identity, header, time.monotonic() + wait_ms / 1000))
             return None, []
         entries = payload
         if packed and entries and sum(e.nbytes for e in entries) < PACK_LIMIT * len(entries):
@@ -554,7 +456,7 @@ class QueueServer:
                 return {"ok": True, "groups": 0, "ready": len(self._ready), "closed": self.closed}, []
             ids = [heapq.heappop(self._ready)[2] for _ in range(want)]
             per = want // world
-            step = _Step(world, want, [ids[r * per : (r + 1) * per] for r in range(world)], [None] * world, [False] * world)
+            step = Step(world, want, [ids[r * per : (r + 1) * per] for r in range(world)], [None] * world, [False] * world)
             self._steps[version] = step
         elif (step.world, step.groups) != (world, want):
             raise ProtocolError(

@@ -1,0 +1,128 @@
+"""What the transfer queue keeps: its settings, its counters, and the records of held groups,
+leases, parked gets and step shares. Plain data, no sockets and no logic beyond bookkeeping;
+`server.py` owns the decisions. Must never import torch or Redis.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+from asyncrl.queue.codec import pack
+
+
+class QueueObserver(Protocol):
+    """Sees the queue's decisions; must not block (the replay mirror buffers and returns)."""
+
+    def on_accept(self, group_id: str, frames: list) -> None: ...
+    def on_drop(self, group_id: str, reason: str, frames: list) -> None: ...
+    def on_reject(self, code: str, detail: str) -> None: ...
+
+
+@dataclass
+class Entry:
+    group_id: str
+    header: dict
+    arrays: list
+    """The 4 array frames."""
+    nbytes: int
+    behaviour_version: int
+    header_frame: Optional[bytes] = None
+
+    @property
+    def frames(self) -> list:
+        """The group's 5 frames; the header frame is packed on first use (a packed put has none)."""
+        if self.header_frame is None:
+            self.header_frame = pack(self.header)
+        return [self.header_frame, *self.arrays]
+
+
+@dataclass
+class Parked:
+    """A get that found no full batch and waits, up to its deadline, for puts to fill one."""
+
+    identity: bytes
+    header: dict
+    deadline: float
+
+
+@dataclass
+class Lease:
+    consumer: str
+    group_ids: list[str]
+    deadline: float
+    version: int
+    step: Optional[tuple[int, int]] = None
+    """(version, rank) for a rank's share of a step batch; None for a plain get."""
+    token: Optional[str] = None
+    """The get's token: a resend of that get (its reply was lost) gets this lease again."""
+
+
+@dataclass
+class Step:
+    """One step's batch, cut into `world` whole-group shares, one per learner rank."""
+
+    world: int
+    groups: int
+    shares: list[list[str]]
+    leases: list[Optional[int]]
+    done: list[bool]
+    """Acknowledged, or handed back to the ready set."""
+
+
+@dataclass
+class QueueSettings:
+    max_staleness: int
+    groups_per_step: int
+    capacity_groups: int = 1024
+    capacity_bytes: int = 256 << 20
+    max_message_bytes: int = 64 << 20
+    lease_s: float = 120.0
+    vocab_size: Optional[int] = None
+    ticket_lease_s: float = 300.0
+    """An engine silent (no ticket, put or release) this long loses its outstanding tickets."""
+    seen_capacity: int = 1 << 18
+    """Most ids of settled groups remembered for duplicate detection (about 100 bytes each)."""
+    resend_window_s: float = 3600.0
+    """How long the id of a settled group is remembered; resends later than this are not detected."""
+    max_batch_groups: int = 1024
+    """Most groups in one put message."""
+
+
+@dataclass
+class QueueStats:
+    accepted: int = 0
+    duplicates: int = 0
+    delivered: int = 0
+    acknowledged: int = 0
+    redelivered: int = 0
+    waits: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    accepted_by_engine: Counter = field(default_factory=Counter)
+    """Accepted groups per producer name: which engines are feeding the learner."""
+    rejected: Counter = field(default_factory=Counter)
+    staleness: Counter = field(default_factory=Counter)
+    """Staleness of acknowledged (trained) groups: learner version at delivery minus behaviour version."""
+
+
+class SettledIds:
+    """Ids of settled groups, remembered for the resend window so that resends stay idempotent:
+    at most `capacity` ids, none older than `window_s` seconds (contract 7: nothing grows for ever)."""
+
+    def __init__(self, capacity: int, window_s: float):
+        self.capacity = capacity
+        self.window_s = window_s
+        self._ids: OrderedDict[str, float] = OrderedDict()
+
+    def add(self, gid: str, now: float) -> None:
+        ids = self._ids
+        ids[gid] = now
+        while ids and (len(ids) > self.capacity or next(iter(ids.values())) < now - self.window_s):
+            ids.popitem(last=False)
+
+    def __contains__(self, gid: str) -> bool:
+        return gid in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
