@@ -122,6 +122,20 @@ class Curve:
         watch_handshakes(sock, DOMAINS[server])
 
 
+def dealer(ctx: zmq.Context, address: str, curve: Optional[Curve], server: str) -> zmq.Socket:
+    """A fresh DEALER connected to `address`, with Curve client keys for `server` when configured.
+
+    Clients build a new one after a request times out (the Lazy Pirate pattern), dropping whatever
+    the old one still queued.
+    """
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve.client(sock, server)
+    sock.connect(address)
+    return sock
+
+
 def curve_for(security_cfg, identity: str) -> Optional[Curve]:
     """The Curve settings for a process of role `identity`, or None when security.curve is off."""
     if not security_cfg.curve:

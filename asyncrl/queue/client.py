@@ -21,6 +21,7 @@ from asyncrl.queue.codec import (
     GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, decode_groups, decode_packed, encode_group, encode_packed, pack,
     unpack_header,
 )
+from asyncrl.security import dealer
 
 PACK_TOKENS = 1 << 14
 """put_many packs a batch into 5 frames (instead of 5 per group) while groups average fewer response
@@ -58,11 +59,7 @@ class _Client:
     def _connect(self) -> None:
         if self._socket is not None:
             self._socket.close(0)
-        self._socket = self._ctx.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        if self.curve is not None:
-            self.curve.client(self._socket, "queue")
-        self._socket.connect(self.address)
+        self._socket = dealer(self._ctx, self.address, self.curve, "queue")
 
     def request(self, op: str, fields: Optional[dict] = None, frames: list = ()) -> tuple[dict, list]:
         for attempt in range(self.retries + 1):

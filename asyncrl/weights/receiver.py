@@ -22,6 +22,7 @@ import torch
 import zmq
 
 from asyncrl.queue.codec import ProtocolError, pack, unpack_header
+from asyncrl.security import dealer
 from asyncrl.weights.codec import WeightsError, tensors_from_buckets, verify_bucket
 from asyncrl.weights.transport import TRANSPORTS, GroupReceiver, map_buckets
 
@@ -56,11 +57,7 @@ class WeightReceiver:
     def _connect(self) -> None:
         if self._socket is not None:
             self._socket.close(0)
-        self._socket = self._ctx.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        if self.curve is not None:
-            self.curve.client(self._socket, "weights")
-        self._socket.connect(self.address)
+        self._socket = dealer(self._ctx, self.address, self.curve, "weights")
 
     def _fail(self, have: int, why: str) -> None:
         self.failures += 1
