@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from asyncrl.config import ConfigError, load_config
 from asyncrl.metrics import read_metrics
+from asyncrl.ports import free_port
 
 CORRECTIONS: dict[str, tuple[str, ...]] = {
     "none": ("loss.objective=behaviour",),
@@ -130,12 +130,6 @@ class Sweep:
             "runs": [{"name": s.name, "staleness": s.staleness, "correction": s.correction, "seed": s.seed} for s in self.runs],
         }
         (self.out / SWEEP_FILE).write_text(json.dumps(plan, indent=2) + "\n")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
