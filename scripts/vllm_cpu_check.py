@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from asyncrl.ports import free_port
 from asyncrl.rollout.engines.vllm import CPU_ENGINE_ARGS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,9 +48,7 @@ ENGINE_ARGS = {**CPU_ENGINE_ARGS, "max_model_len": 64, "skip_tokenizer_init": Tr
 
 
 def free_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 def save_model(path: Path) -> int:
