@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from asyncrl.metrics import read_metrics
 from asyncrl.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,11 +48,8 @@ def child_pid(supervisor: int, name: str) -> int | None:
 
 
 def steps_done(out: Path) -> int:
-    try:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return 0
-    return json.loads(lines[-1])["step"] if lines else 0
+    records = read_metrics(out / "metrics.jsonl")  # skips a last line still being written
+    return records[-1]["step"] if records else 0
 
 
 def report(out: Path, kills: list[dict], seconds: float, returncode: int) -> dict:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from asyncrl.learner.checkpoint import checkpoint_dir, latest_checkpoint
+from asyncrl.metrics import read_metrics
 from conftest import ROOT, port_overrides, run_cli
 
 FAST = [
@@ -27,11 +28,8 @@ def start_run(out: Path, *overrides: str) -> subprocess.Popen:
 
 
 def steps_done(out: Path) -> int:
-    try:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return 0
-    return json.loads(lines[-1])["step"] if lines else 0
+    records = read_metrics(out / "metrics.jsonl")  # skips a last line still being written
+    return records[-1]["step"] if records else 0
 
 
 def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 90) -> None:
