@@ -142,7 +142,8 @@ def rollout(config_path: Optional[str], overrides: tuple[str, ...], index: int) 
     server = RolloutServer(cfg, index)
     try:
         sent = server.run(stop)
-        logging.getLogger("asyncrl.rollout").info("%s stopped after %d groups", server.engine_id, sent)
+        logging.getLogger("asyncrl.rollout").info("%s stopped after %d groups; settlement %s", server.engine_id, sent,
+                                                  json.dumps(server.settlement()))
     finally:
         server.close()
 
@@ -246,15 +247,17 @@ def queue_stats(config_path: Optional[str], overrides: tuple[str, ...], as_json:
     table.add_row("depth / leased", f"{stats['depth']} ready, {stats['leased']} leased (capacity {stats.get('capacity_groups', '?')})")
     table.add_row("bytes held", f"{stats['bytes_held'] / mib:.1f} MiB of {stats.get('capacity_bytes', 0) / mib:.0f} MiB")
     table.add_row("accepted", f"{stats['accepted']} ({stats['duplicates']} duplicates, {stats['waits']} told to wait)")
-    table.add_row("delivered / acknowledged", f"{stats['delivered']} / {stats['acknowledged']} ({stats['redelivered']} redelivered)")
+    table.add_row("delivered / acknowledged", f"{stats['delivered']} / {stats['acknowledged']} ({stats['redelivered']} redelivered, "
+                  f"{stats.get('already_trained', 0)} resent but already trained)")
     table.add_row("dropped", counts(stats["dropped"]))
     table.add_row("rejected", counts(stats["rejected"]))
     table.add_row("staleness of trained groups", counts(stats["staleness"]))
     balanced = stats.get("balanced")
-    table.add_row("accounting", "[green]balanced[/green]" if balanced else "[red]UNBALANCED: accepted != acknowledged + dropped + held[/red]")
+    table.add_row("accounting", "[green]balanced[/green]" if balanced else "[red]UNBALANCED: accepted != acknowledged + already trained + dropped + held[/red]")
     table.add_row("learner version", str(stats["learner_version"]))
     table.add_row("tickets", f"{stats['tickets_running']} running, {stats.get('tickets_expired', 0)} expired; held {counts(stats.get('tickets_held', {}))}")
     table.add_row("closed", str(stats["closed"]))
+    table.add_row("instance", str(stats.get("instance", "?")))
     Console().print(table)
 
 

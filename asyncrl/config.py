@@ -148,6 +148,10 @@ class LearnerConfig(Section):
     """Save a checkpoint every this many steps (and at the end) under <out>/checkpoints; 0 disables. Queue acks wait for the checkpoint."""
     keep_checkpoints: int = Field(2, ge=1)
     """Newest checkpoints kept on disk; older ones are deleted."""
+    remember_trained: int = Field(8192, ge=0)
+    """Ids of acknowledged groups the learner remembers (about 100 bytes each) and tells a restarted
+    queue in its hello, so that a producer's resend of one is not trained twice. Must exceed the
+    groups trained in the few seconds a producer takes to hear that its groups settled."""
 
 
 class LossConfig(Section):

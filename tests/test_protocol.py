@@ -71,7 +71,8 @@ def test_hello_reports_the_protocol_version_and_settings(hand):
 def test_put_get_ack_round_trip_with_hand_built_frames(hand):
     gid, frames = group_frames(lens=(3, 2))
     reply, _ = hand.call("put", frames, ticketed=False)
-    assert reply == {"ok": True, "status": "accepted", "req": 1}
+    instance = reply.pop("instance")
+    assert reply == {"ok": True, "status": "accepted", "req": 1} and len(instance) == 16
     reply, _ = hand.call("put", frames, ticketed=False)
     assert reply["status"] == "duplicate"
     reply, out = hand.call("get", version=0, groups=1, consumer="hand")
@@ -83,6 +84,39 @@ def test_put_get_ack_round_trip_with_hand_built_frames(hand):
     assert reply["acknowledged"] == 1
     stats = hand.call("stats")[0]["stats"]
     assert (stats["accepted"], stats["acknowledged"], stats["depth"], stats["balanced"]) == (1, 1, 0, True)
+
+
+def test_status_names_each_groups_outcome_as_documented(hand):
+    (trained, frames), (stale, old) = group_frames(), group_frames(version=0)
+    hand.call("put", old, ticketed=False)
+    hand.call("put", frames, ticketed=False)
+    assert hand.call("status", ids=[trained, stale, "never-put"])[0]["outcomes"] == ["held", "held", "unknown"]
+    reply, _ = hand.call("get", version=0, groups=2, consumer="hand")
+    hand.call("ack", lease=reply["lease"])
+    reply, _ = hand.call("status", ids=[trained, stale, "never-put"])
+    assert reply["outcomes"] == ["trained", "trained", "unknown"] and len(reply["instance"]) == 16
+    assert hand.call("status", ids="x")[0]["code"] == "bad_schema"
+
+
+def test_a_get_for_another_instance_is_refused_until_the_consumer_says_hello(hand):
+    instance = hand.call("hello", role="consumer", name="hand", version=0)[0]["instance"]
+    gid, frames = group_frames()
+    hand.call("put", frames, ticketed=False)
+    reply, out = hand.call("get", version=0, groups=1, consumer="hand", instance="0123456789abcdef")
+    assert (reply["ok"], reply["code"], out) == (False, "instance_changed", [])
+    assert hand.call("get", version=0, groups=1, consumer="hand", instance=instance)[0]["groups"] == 1
+
+
+def test_a_consumer_hello_naming_trained_groups_settles_their_resends(hand):
+    (gid, frames), (other, more) = group_frames(), group_frames()
+    hand.call("put", frames, ticketed=False)  # a producer's resend to a restarted queue
+    reply, _ = hand.call("hello", role="consumer", name="hand", version=0, trained=[gid, other])
+    assert reply["ok"]
+    assert hand.call("status", ids=[gid, other])[0]["outcomes"] == ["trained", "trained"]
+    assert hand.call("put", more, ticketed=False)[0]["status"] == "duplicate"
+    assert hand.call("get", version=0, groups=1, consumer="hand")[0]["groups"] == 0
+    stats = hand.call("stats")[0]["stats"]
+    assert (stats["accepted"], stats["already_trained"], stats["depth"], stats["balanced"]) == (1, 1, 0, True)
 
 
 def test_batched_put_and_rank_shares_as_documented(hand):

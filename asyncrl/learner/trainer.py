@@ -37,6 +37,7 @@ from asyncrl.learner.batch import Batch, collate, loss_weight, micro_batches, re
 from asyncrl.learner.checkpoint import CheckpointMeta, checkpoint_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from asyncrl.learner.critic import explained_variance, whiten
 from asyncrl.learner.distributed import Ranks, broadcast_groups, rank_device
+from asyncrl.learner.ledger import RecentIds
 from asyncrl.learner.losses import (
     LossSettings,
     PolicyLossInputs,
@@ -84,6 +85,8 @@ class Learner:
         self.pending: list[tuple[int, list[str]]] = []
         # Groups already in the weights whose lease may still come back (expired before its ack).
         self.trained_unacked: set[str] = set()
+        # Acknowledged groups a producer may still resend (to a restarted queue): bounded.
+        self.acked = RecentIds(cfg.learner.remember_trained)
         self._resume_leases: list[int] = []
         self._last_checkpoint = 0
         if resume:
@@ -103,6 +106,7 @@ class Learner:
             self.consumer = QueueConsumer(
                 cfg.queue.address, name="learner-0", vocab_size=self._vocab_size(), timeout_s=cfg.queue.request_timeout_s, curve=curve
             )
+            self.consumer.trained_ids = self.trained_ids
             self.broadcaster = WeightBroadcaster.from_config(cfg.weights, curve=curve)
             if out_dir is not None:
                 # One line per step: which groups went into which version. Audits contract 4.
@@ -153,7 +157,7 @@ class Learner:
                 return None
             ids = [g.group_id for g in groups]
             self.pending.append((lease, ids))
-            fresh = [g for g in groups if g.group_id not in self.trained_unacked]
+            fresh = [g for g in groups if g.group_id not in self.trained_unacked and g.group_id not in self.acked]
             if len(fresh) < len(groups):
                 log.info("skipped %d redelivered groups already trained", len(groups) - len(fresh))
             if fresh:
@@ -165,9 +169,15 @@ class Learner:
     def _ack_pending(self) -> None:
         for lease, ids in self.pending:
             if self.consumer.ack(lease) > 0:
-                # Acknowledged: the queue forgot these groups and cannot deliver them again.
+                # Acknowledged: this queue settled them; only a restarted one could be sent them again.
                 self.trained_unacked.difference_update(ids)
+            self.acked.add(ids)
         self.pending.clear()
+
+    def trained_ids(self) -> list[str]:
+        """Every group id trained that a producer may still send again: told to the queue in each hello."""
+        pending = (gid for _, ids in self.pending for gid in ids)
+        return sorted(self.trained_unacked.union(self.acked, pending))
 
     def checkpoint(self) -> Path:
         """Save a checkpoint holding every step so far, then acknowledge their leases. Collective."""

@@ -12,7 +12,8 @@ import itertools
 import logging
 import time
 import uuid
-from typing import Optional
+from collections import Counter
+from typing import Callable, Optional
 
 import zmq
 
@@ -23,6 +24,8 @@ from asyncrl.queue.codec import (
 )
 from asyncrl.security import dealer
 
+MAX_STATUS_IDS = 4096
+"""Most ids a producer asks about in one status request (the server takes up to 65,536)."""
 PACK_TOKENS = 1 << 14
 """put_many packs a batch into 5 frames (instead of 5 per group) while groups average fewer response
 tokens than this: per-frame costs dominate small groups, copies dominate large ones."""
@@ -53,6 +56,8 @@ class _Client:
         self.retries = retries
         self._ctx = zmq.Context.instance()
         self._req_ids = itertools.count(1)
+        self.instance: Optional[str] = None
+        """The queue instance that last answered with one (hello, put, status): a change means it restarted."""
         self._socket: Optional[zmq.Socket] = None
         self._connect()
 
@@ -76,6 +81,11 @@ class _Client:
                     continue  # a late answer to an earlier attempt
                 if not reply.get("ok"):
                     raise QueueRequestError(str(reply.get("code")), f"queue at {self.address} refused {op}: {reply.get('error')}")
+                if isinstance(reply.get("instance"), str) and reply["instance"] != self.instance:
+                    if self.instance is not None:
+                        log.warning("%s: the queue at %s restarted (instance %s, was %s)", self.name, self.address,
+                                    reply["instance"], self.instance)
+                    self._new_instance(reply["instance"])
                 return reply, reply_frames[1:]
             if attempt < self.retries:
                 log.warning("%s: queue at %s did not answer %r within %.0f s; reconnecting and resending (try %d of %d)",
@@ -86,12 +96,18 @@ class _Client:
             "is `asyncrl queue` (or the learner) running and reachable?"
         )
 
-    def hello(self, role: str, version: Optional[int] = None) -> dict:
+    def _new_instance(self, instance: str) -> None:
+        self.instance = instance
+
+    def hello(self, role: str, version: Optional[int] = None, trained: Optional[list[str]] = None) -> dict:
         """Introduce this client. A consumer passes its policy version: the queue then hands back at
-        once what a predecessor of the same name held, and forgets versions above it (see docs/faults.md)."""
+        once what a predecessor of the same name held, and forgets versions above it; and the ids it
+        trained that a producer may still resend (see docs/faults.md)."""
         fields = {"role": role, "name": self.name}
         if version is not None:
             fields["version"] = version
+        if trained is not None:
+            fields["trained"] = list(trained)
         reply, _ = self.request("hello", fields)
         return reply
 
@@ -110,10 +126,99 @@ class QueueProducer(_Client):
 
     Tickets are held under this producer's name; a producer silent for the queue's ticket_lease_s
     loses them, so a long pause between ticket and put must be covered by a fresh ticket request.
+
+    An accepted group stays in `unsettled` until the queue says it settled (trained or dropped with
+    a reason): `reconcile`, called by every put and by the rollout loop, asks at most every
+    `reconcile_s`, and at once when a reply shows a new queue instance; groups the queue does not
+    know (it restarted) are sent again. So a queue restart loses nothing (docs/faults.md). The
+    buffer holds no more than the queue does plus what settled since the last look.
     """
 
     learner_version = 0
     """The learner's version as of the last ticket reply."""
+    reconcile_s = 0.5
+
+    def __init__(self, address: str, name: str, **kwargs):
+        super().__init__(address, name, **kwargs)
+        self.unsettled: dict[str, TrajectoryGroup] = {}
+        """Accepted groups not yet settled, oldest first: what a restarted queue would be sent again."""
+        self.outcomes: Counter = Counter()
+        """How this producer's settled groups ended: 'trained', 'dropped:<reason>', or 'discarded:future_version'
+        (made by weights of versions the learner lost when it resumed from an older checkpoint)."""
+        self.resent = 0
+        self._checked = time.monotonic()
+        self._restarted = False
+
+    def _new_instance(self, instance: str) -> None:
+        self._restarted = self.instance is not None
+        super()._new_instance(instance)
+
+    def _hold(self, group: TrajectoryGroup, status: str) -> None:
+        if status in ("accepted", "duplicate"):
+            self.unsettled[group.group_id] = group
+
+    def reconcile(self, force: bool = False) -> int:
+        """Ask what became of the unsettled groups, forget the settled ones and send again those the
+        queue does not know (it restarted). A no-op until `reconcile_s` passed, unless `force` or a
+        restart was seen. Returns how many were sent again."""
+        now = time.monotonic()
+        if not self.unsettled or not (force or self._restarted or now - self._checked >= self.reconcile_s):
+            return 0
+        self._checked, self._restarted = now, False
+        ids, resent = list(self.unsettled), 0
+        # Oldest first, in chunks; a chunk that is all still held means the newer rest is held too.
+        for start in range(0, len(ids), MAX_STATUS_IDS):
+            chunk = ids[start : start + MAX_STATUS_IDS]
+            reply, _ = self.request("status", {"ids": chunk})
+            unknown, held = [], 0
+            for gid, outcome in zip(chunk, reply["outcomes"]):
+                if outcome == "unknown":
+                    unknown.append(gid)
+                elif outcome == "held":
+                    held += 1
+                else:
+                    del self.unsettled[gid]
+                    self.outcomes[outcome] += 1
+            if unknown:
+                log.warning("%s: the queue at %s does not hold %d of its unsettled groups (it restarted); sending them again",
+                            self.name, self.address, len(unknown))
+                sent, finished = self._resend(unknown)
+                resent += sent
+                if not finished:
+                    break
+            if held == len(chunk):
+                break
+        self.resent += resent
+        return resent
+
+    def _resend(self, ids: list[str]) -> tuple[int, bool]:
+        """Put `ids` again, without tickets; (how many were sent, False if the queue is not ready for them yet)."""
+        sent = 0
+        for gid in ids:
+            try:
+                self._send(self.unsettled[gid], ticketed=False, wait_s=0.01)
+                sent += 1
+            except QueueRequestError as exc:
+                if exc.code != "future_version":
+                    raise
+                if not self.stats().get("learner_known", True):
+                    # A new queue the learner has not spoken to yet: try the rest on a later reconcile.
+                    self._restarted = True
+                    self._checked = time.monotonic()
+                    return sent, False
+                log.warning("%s: group %s discarded: %s", self.name, gid, exc)
+                del self.unsettled[gid]
+                self.outcomes["discarded:future_version"] += 1
+        return sent, True
+
+    def settle_all(self, timeout_s: float, should_stop=lambda: False) -> int:
+        """Reconcile until nothing is unsettled or `timeout_s` passes; returns how many stay unsettled."""
+        deadline = time.monotonic() + timeout_s
+        while self.unsettled and time.monotonic() < deadline and not should_stop():
+            self.reconcile(force=True)
+            if self.unsettled:
+                time.sleep(min(self.reconcile_s, max(0.0, deadline - time.monotonic())))
+        return len(self.unsettled)
 
     def ticket(self, version: int, want: int) -> tuple[int, bool]:
         """(granted, closed): how many groups may be started with weights of `version`."""
@@ -130,11 +235,17 @@ class QueueProducer(_Client):
 
     def put(self, group: TrajectoryGroup, ticketed: bool = True, wait_s: float = 0.01) -> str:
         """Send until the queue holds it; returns 'accepted' or 'duplicate'. Waits while the queue is full."""
+        status = self._send(group, ticketed, wait_s)
+        self.reconcile()
+        return status
+
+    def _send(self, group: TrajectoryGroup, ticketed: bool, wait_s: float) -> str:
         frames = encode_group(group)
         pause = wait_s
         while True:
             reply, _ = self.request("put", {"ticketed": ticketed, "engine": self.name}, frames)
             if reply["status"] != "wait":
+                self._hold(group, reply["status"])
                 return reply["status"]
             time.sleep(pause)
             pause = min(pause * 2, 0.5)
@@ -145,7 +256,9 @@ class QueueProducer(_Client):
         Returns each group's final status, 'accepted' or 'duplicate'. Groups told to wait are resent,
         alone with the others that waited, after a pause that grows while the queue stays full.
         """
-        return self._put_many(groups, ticketed, wait_s, None)[0]
+        statuses = self._put_many(groups, ticketed, wait_s, None)[0]
+        self.reconcile()
+        return statuses
 
     def put_and_ticket(self, groups: list[TrajectoryGroup], version: int, want: int,
                        ticketed: bool = True, wait_s: float = 0.01) -> tuple[list[str], int, bool]:
@@ -153,6 +266,7 @@ class QueueProducer(_Client):
 
         Saves the ticket round trip of a producer that generates while it sends."""
         statuses, reply = self._put_many(groups, ticketed, wait_s, {"want": want, "version": version})
+        self.reconcile()
         self.learner_version = int(reply.get("learner_version", self.learner_version))
         return statuses, int(reply.get("granted", 0)), bool(reply.get("closed"))
 
@@ -179,6 +293,7 @@ class QueueProducer(_Client):
                     waiting.append(i)
                 else:
                     statuses[i] = status
+                    self._hold(groups[i], status)
             if len(waiting) == len(pending):
                 time.sleep(pause)
                 pause = min(pause * 2, 0.5)
@@ -205,6 +320,18 @@ class QueueConsumer(_Client):
         self.rank = rank
         self.world = world
         self.verify = verify
+        self.version: Optional[int] = None
+        """The policy version of this consumer's last hello or get: said again to a restarted queue."""
+        self.trained_ids: Callable[[], list[str]] = list
+        """The ids of groups the learner trained that a producer may still resend; the learner sets it.
+        Told to the queue in each consumer hello, so a restarted queue never delivers them again."""
+
+    def hello(self, role: str = "consumer", version: Optional[int] = None, trained: Optional[list[str]] = None) -> dict:
+        if version is not None:
+            self.version = version
+        if role == "consumer" and trained is None:
+            trained = self.trained_ids()
+        return super().hello(role, version, trained)
 
     def set_version(self, version: int) -> None:
         self.request("version", {"version": version})
@@ -221,7 +348,18 @@ class QueueConsumer(_Client):
             fields["wait_ms"] = int(wait_ms)
         if self.rank is not None:
             fields.update(rank=self.rank, world=self.world)
-        reply, frames = self.request("get", fields)
+        self.version = version
+        if self.instance is not None:
+            fields["instance"] = self.instance  # said hello to this one: a restarted queue refuses the get
+        try:
+            reply, frames = self.request("get", fields)
+        except QueueRequestError as exc:
+            if exc.code != "instance_changed":
+                raise
+            # Before a restarted queue hands out anything, it must hear what this learner trained.
+            self.hello("consumer", version)
+            fields["instance"] = self.instance
+            reply, frames = self.request("get", fields)
         count = int(reply["groups"])
         if count == 0:
             return None, [], bool(reply.get("closed"))

@@ -8,10 +8,15 @@ The wire protocol is specified in docs/protocol.md; change the two together.
 
 Bookkeeping that makes "nothing vanishes, nothing is trained twice" checkable: every accepted
 group is, at any moment, exactly one of ready (`depth`), held for a consumer (`leased`),
-acknowledged, or dropped with a reason, so `accepted == acknowledged + dropped + depth + leased`
-always holds and `snapshot()["balanced"]` says so. Ids of settled groups are remembered in a
+acknowledged, already trained (a resend the learner said it trained), or dropped with a reason, so
+`accepted == acknowledged + already_trained + dropped + depth + leased` always holds and
+`snapshot()["balanced"]` says so. Ids of settled groups are remembered in a
 bounded window (`seen_capacity` ids, `resend_window_s` seconds) so producer resends stay
 idempotent without an id set that grows for ever.
+
+A queue restart loses nothing: producers keep each group until it settles (the `status` op tells
+them), and resend what a new queue instance does not know; the learner's hello lists the ids it
+trained, so a resend of one of them settles without being trained twice (docs/faults.md).
 
 Must never import torch or Redis: observers handed to it (the replay mirror) see what it accepts
 and drops.
@@ -28,24 +33,20 @@ from typing import Callable, Optional
 
 import zmq
 
-from asyncrl.queue.admission import Admission, is_stale
+from asyncrl.queue.admission import Admission
 from asyncrl.queue.codec import (
-    GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, pack, pack_arrays, parse_groups, parse_packed, unpack_header,
+    GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, pack, parse_groups, parse_packed, unpack_header,
 )
+from asyncrl.queue.consumers import ConsumerSide
 from asyncrl.queue.state import Entry, Lease, Parked, QueueObserver, QueueSettings, QueueStats, SettledIds, Step
 from asyncrl.security import may
 
 log = logging.getLogger("asyncrl.queue")
 
 _PER_GROUP = 1 + GROUP_FRAMES
-PACK_LIMIT = 64 << 10
-"""Get replies are packed (5 frames in all) only while the average group is below this many bytes:
-joining copies, and for large groups the per-frame cost that packing saves is negligible."""
-MAX_WAIT_MS = 10_000
-"""Longest a get may ask to be parked (`wait_ms`); clients' request timeouts must exceed it."""
 
 
-class QueueServer:
+class QueueServer(ConsumerSide):
     def __init__(self, address: str, settings: QueueSettings, context: Optional[zmq.Context] = None, curve=None):
         """`curve`: an `asyncrl.security.Curve`; peers must then present an authorized key."""
         self.settings = settings
@@ -57,6 +58,9 @@ class QueueServer:
         """A consumer has told this queue its version; until then `learner_version` is 0 only by default
         (a queue restarted under a running learner, see `_learner_at`)."""
         self.closed = False
+        self.instance = secrets.token_hex(8)
+        """Names this queue process: a client that sees it change knows the queue restarted with nothing
+        it held (producers resend what is unsettled, the learner says again what it trained)."""
         self.last_request = time.monotonic()
         self._entries: dict[str, Entry] = {}
         self._ready: list[tuple[int, int, str]] = []  # (behaviour version, arrival, id): oldest first
@@ -94,6 +98,7 @@ class QueueServer:
             "version": self._version,
             "close": self._close,
             "stats": self._stats,
+            "status": self._status,
         }
 
     # -- loop -------------------------------------------------------------------------------
@@ -222,6 +227,7 @@ class QueueServer:
         return {
             "ok": True,
             "proto": PROTOCOL_VERSION,
+            "instance": self.instance,
             "max_staleness": s.max_staleness,
             "groups_per_step": s.groups_per_step,
             "learner_version": self.learner_version,
@@ -237,7 +243,8 @@ class QueueServer:
         if version > self.learner_version:
             raise ProtocolError("future_version", f"engine version {version} is newer than the learner's {self.learner_version}")
         granted = 0 if self.closed else self.admission.grant(version, want, engine, time.monotonic())
-        return {"ok": True, "granted": granted, "learner_version": self.learner_version, "closed": self.closed}, []
+        return {"ok": True, "granted": granted, "learner_version": self.learner_version, "closed": self.closed,
+                "instance": self.instance}, []
 
     def _release(self, header: dict, frames: list) -> tuple[dict, list]:
         released = self.admission.release(self._int(header, "count"), self._engine(header), time.monotonic())
@@ -286,6 +293,7 @@ class QueueServer:
             raise
         statuses = [self._accept(h, version, hframe, arrays, ticketed, engine, now) for h, version, hframe, arrays in groups]
         reply = {"ok": True, "statuses": statuses, "accepted": statuses.count("accepted")} if batched else {"ok": True, "status": statuses[0]}
+        reply["instance"] = self.instance
         if ask is not None:
             reply.update(self._grant(*ask, engine, now))
         return reply, []
@@ -320,215 +328,27 @@ class QueueServer:
             obs.on_accept(gid, entry.frames)
         return "accepted"
 
-    # -- consumer side ----------------------------------------------------------------------
+    # -- settlement -------------------------------------------------------------------------
 
-    def _consumer_started(self, name: str, header: dict) -> None:
-        """A learner (re)started under `name`: what its predecessor held is delivered again at once
-        rather than at lease expiry, and when it starts below the version the queue knew (resumed
-        from a checkpoint), groups generated by the lost versions are dropped as 'lost_version'."""
-        now = time.monotonic()
-        for lease in self._leases.values():
-            if lease.consumer == name:
-                lease.deadline = now
-        self.expire_leases(now)
-        if "version" not in header:
-            return
-        version = self._int(header, "version")
-        self._learner_at(version)
-        if version < self.learner_version:
-            log.warning("consumer %s restarted at version %d, below %d: dropping groups of the lost versions",
-                        name, version, self.learner_version)
-            self.learner_version = version
-            keep = []
-            for item in self._ready:
-                if item[0] > version:
-                    self._drop(item[2], "lost_version")
-                else:
-                    keep.append(item)
-            heapq.heapify(keep)
-            self._ready = keep
+    def _status(self, header: dict, frames: list) -> tuple[dict, list]:
+        """What became of each id: held, trained, dropped:<reason>, or unknown (a producer resends those)."""
+        settled = self._settled
+        outcomes = ["held" if gid in self._entries else settled.outcome(gid) or "unknown" for gid in self._ids(header, "ids")]
+        return {"ok": True, "instance": self.instance, "outcomes": outcomes}, []
 
-    def _learner_at(self, version: int) -> None:
-        """A consumer holds `version`: the learner's version never goes down here (see _consumer_started)."""
-        if not self.learner_known:
-            self.learner_known = True
-            # A queue (re)started under a learner already at v: the v·B groups its steps consumed count
-            # as used, as if this queue had served them; otherwise engines at v would be let start
-            # (K + v + 1)·B groups at once, most of which would arrive too stale to train.
-            self.admission.consumed(version * self.settings.groups_per_step)
-        self.learner_version = max(self.learner_version, version)
-
-    def _version(self, header: dict, frames: list) -> tuple[dict, list]:
-        self._learner_at(self._int(header, "version"))
-        return {"ok": True, "learner_version": self.learner_version}, []
-
-    def _settle(self, gid: str, now: float) -> Entry:
-        """Forget a group's frames and remember its id for the resend window."""
+    def _settle(self, gid: str, now: float, outcome: str) -> Entry:
+        """Forget a group's frames and remember its id and outcome for the resend window."""
         entry = self._entries.pop(gid)
         self._bytes -= entry.nbytes
-        self._settled.add(gid, now)
+        self._settled.add(gid, now, outcome)
         return entry
 
     def _drop(self, gid: str, reason: str) -> None:
-        entry = self._settle(gid, time.monotonic())
+        entry = self._settle(gid, time.monotonic(), f"dropped:{reason}")
         self.stats.dropped[reason] += 1
         self.admission.unusable()
         for obs in self.observers:
             obs.on_drop(gid, reason, entry.frames)
-
-    def _drop_stale(self, version: int) -> None:
-        while self._ready and is_stale(version, self._ready[0][0], self.settings.max_staleness):
-            _, _, gid = heapq.heappop(self._ready)
-            self._drop(gid, "stale")
-
-    def _lease(self, consumer: str, ids: list[str], version: int, step=None, token=None) -> tuple[int, list]:
-        """Lease `ids`; returns the lease id and the groups' entries."""
-        lease_id = next(self._lease_ids)
-        self._leases[lease_id] = Lease(consumer, ids, time.monotonic() + self.settings.lease_s, version, step, token)
-        self.stats.delivered += len(ids)
-        return lease_id, [self._entries[gid] for gid in ids]
-
-    def _get(self, header: dict, frames: list, park: bool = True) -> tuple[Optional[dict], list]:
-        version = self._int(header, "version")
-        want = self._int(header, "groups")
-        if want < 1:
-            raise ProtocolError("bad_schema", "field 'groups' must be at least 1")
-        wait_ms = self._int(header, "wait_ms", 0)
-        if wait_ms > MAX_WAIT_MS:
-            raise ProtocolError("bad_schema", f"field 'wait_ms' must be 0..{MAX_WAIT_MS}, got {wait_ms}")
-        packed = header.get("packed", False)
-        if not isinstance(packed, bool):
-            raise ProtocolError("bad_schema", f"field 'packed' must be a boolean, got {packed!r}")
-        consumer = str(header.get("consumer", ""))[:128]
-        token = header.get("token")
-        token = token if isinstance(token, str) and 0 < len(token) <= 64 else None
-        for lease_id, lease in self._leases.items() if token else ():
-            if lease.token == token and lease.consumer == consumer:
-                # A resend of a get whose reply was lost (Lazy Pirate): the same lease again, not
-                # a second one that nobody would acknowledge until it expired.
-                return {"ok": True, "groups": len(lease.group_ids), "lease": lease_id}, [
-                    f for gid in lease.group_ids for f in self._entries[gid].frames
-                ]
-        self._learner_at(version)
-        self._retire_steps()
-        if "rank" in header or "world" in header:
-            reply, payload = self._get_share(version, want, self._int(header, "rank", 0), self._int(header, "world", 1), consumer)
-        else:
-            self._drop_stale(version)
-            if len(self._ready) < want:
-                reply, payload = {"ok": True, "groups": 0, "ready": len(self._ready), "closed": self.closed}, []
-            else:
-                ids = [heapq.heappop(self._ready)[2] for _ in range(want)]
-                lease_id, payload = self._lease(consumer, ids, version, token=token)
-                reply = {"ok": True, "groups": want, "lease": lease_id}
-        if park and wait_ms and "ready" in reply and not self.closed:
-            self._parked.append(Parked(self._identity, header, time.monotonic() + wait_ms / 1000))
-            return None, []
-        entries = payload
-        if packed and entries and sum(e.nbytes for e in entries) < PACK_LIMIT * len(entries):
-            headers, plens, payload = pack_arrays([e.header for e in entries], [e.arrays for e in entries])
-            reply.update(packed=True, headers=headers, plens=plens)
-        else:
-            payload = [f for e in entries for f in e.frames]
-        return reply, payload
-
-    def _dispatch_get(self, header: dict) -> tuple[dict, list]:
-        """A parked get, looked at again."""
-        try:
-            reply, payload = self._get(header, [], park=False)
-        except ProtocolError as exc:  # cannot happen for a header that parked, but never lose the reply
-            self.stats.rejected[exc.code] += 1
-            reply, payload = {"ok": False, "code": exc.code, "error": str(exc)}, []
-        req = header.get("req")
-        reply["req"] = req if isinstance(req, int) and not isinstance(req, bool) else None
-        return reply, payload
-
-    def _get_share(self, version: int, want: int, rank: int, world: int, consumer: str) -> tuple[dict, list]:
-        """Rank `rank` of `world` learner ranks takes its share of the batch for the step holding `version`."""
-        if not 0 <= rank < world:
-            raise ProtocolError("bad_schema", f"rank {rank} is outside world {world}; ranks are 0..world-1")
-        if want % world:
-            raise ProtocolError("bad_schema", f"a step of {want} groups cannot be split evenly over {world} ranks")
-        step = self._steps.get(version)
-        if step is None:
-            self._drop_stale(version)
-            if len(self._ready) < want:
-                return {"ok": True, "groups": 0, "ready": len(self._ready), "closed": self.closed}, []
-            ids = [heapq.heappop(self._ready)[2] for _ in range(want)]
-            per = want // world
-            step = Step(world, want, [ids[r * per : (r + 1) * per] for r in range(world)], [None] * world, [False] * world)
-            self._steps[version] = step
-        elif (step.world, step.groups) != (world, want):
-            raise ProtocolError(
-                "bad_schema",
-                f"the batch for version {version} was cut for world={step.world}, groups={step.groups}; "
-                f"got world={world}, groups={want}: every rank must ask with the same world and groups",
-            )
-        if step.done[rank]:
-            return {"ok": True, "groups": 0, "done": True, "closed": self.closed}, []
-        if step.leases[rank] is not None:
-            # The rank asks again (a resend, or a restarted rank): same share, fresh lease.
-            old = self._leases.pop(step.leases[rank])
-            self.stats.redelivered += len(old.group_ids)
-        lease_id, payload = self._lease(consumer, step.shares[rank], version, (version, rank))
-        step.leases[rank] = lease_id
-        return {"ok": True, "groups": len(step.shares[rank]), "lease": lease_id, "rank": rank, "world": world}, payload
-
-    def _ack(self, header: dict, frames: list) -> tuple[dict, list]:
-        lease_id = self._int(header, "lease")
-        lease = self._leases.pop(lease_id, None)
-        if lease is None:
-            return {"ok": True, "acknowledged": 0, "unknown_lease": True}, []
-        now = time.monotonic()
-        for gid in lease.group_ids:
-            entry = self._settle(gid, now)
-            self.stats.staleness[lease.version - entry.behaviour_version] += 1
-        self.stats.acknowledged += len(lease.group_ids)
-        if lease.step is not None:
-            self._finish_share(lease.step)
-        return {"ok": True, "acknowledged": len(lease.group_ids)}, []
-
-    def _finish_share(self, key: tuple[int, int]) -> None:
-        version, rank = key
-        step = self._steps[version]
-        step.done[rank] = True
-        step.leases[rank] = None
-        if all(step.done):
-            del self._steps[version]
-
-    def _requeue(self, ids: list[str]) -> None:
-        for gid in ids:
-            heapq.heappush(self._ready, (self._entries[gid].behaviour_version, next(self._arrival), gid))
-        self.stats.redelivered += len(ids)
-        self._grew = True
-
-    def _retire_steps(self) -> None:
-        """Shares of past steps that no rank holds go back to the ready set (a rank died or skipped)."""
-        for version in [v for v in self._steps if v < self.learner_version]:
-            step = self._steps[version]
-            for rank in range(step.world):
-                if not step.done[rank] and step.leases[rank] is None:
-                    self._requeue(step.shares[rank])
-                    step.done[rank] = True
-            if all(step.done):
-                del self._steps[version]
-
-    def expire_leases(self, now: Optional[float] = None) -> int:
-        """Groups held past their lease go back to the ready set; silent engines lose their tickets."""
-        now = time.monotonic() if now is None else now
-        self.admission.expire(now)
-        count = 0
-        for lid in [lid for lid, lease in self._leases.items() if lease.deadline <= now]:
-            lease = self._leases.pop(lid)
-            count += len(lease.group_ids)
-            if lease.step is None:
-                self._requeue(lease.group_ids)
-            else:
-                # The share stays cut for its rank, which may ask again; once the learner moves past
-                # that step, _retire_steps hands it back to the ready set.
-                self._steps[lease.step[0]].leases[lease.step[1]] = None
-        self._retire_steps()
-        return count
 
     def _close(self, header: dict, frames: list) -> tuple[dict, list]:
         self.closed = True
@@ -552,13 +372,14 @@ class QueueServer:
             "duplicates": s.duplicates,
             "delivered": s.delivered,
             "acknowledged": s.acknowledged,
+            "already_trained": s.already_trained,
             "redelivered": s.redelivered,
             "waits": s.waits,
             "dropped": dict(s.dropped),
             "accepted_by_engine": dict(s.accepted_by_engine),
             "rejected": dict(s.rejected),
             "staleness": {str(k): v for k, v in sorted(s.staleness.items())},
-            "balanced": s.accepted == s.acknowledged + dropped + depth + leased,
+            "balanced": s.accepted == s.acknowledged + s.already_trained + dropped + depth + leased,
             "learner_version": self.learner_version,
             "learner_known": self.learner_known,
             "tickets_running": self.admission.running,
@@ -567,6 +388,7 @@ class QueueServer:
             "usable": self.admission.usable,
             "ids_remembered": len(self._settled),
             "closed": self.closed,
+            "instance": self.instance,
         }
 
     def drain(self, reason: str = "shutdown") -> int:

@@ -96,6 +96,8 @@ class QueueStats:
     duplicates: int = 0
     delivered: int = 0
     acknowledged: int = 0
+    already_trained: int = 0
+    """Groups a producer resent to a restarted queue that the learner reported trained: settled, not delivered."""
     redelivered: int = 0
     waits: int = 0
     dropped: Counter = field(default_factory=Counter)
@@ -107,19 +109,24 @@ class QueueStats:
 
 
 class SettledIds:
-    """Ids of settled groups, remembered for the resend window so that resends stay idempotent:
-    at most `capacity` ids, none older than `window_s` seconds (contract 7: nothing grows for ever)."""
+    """Ids of settled groups and how each settled ("trained" or "dropped:<reason>"), remembered for
+    the resend window so that resends stay idempotent and producers can ask what became of their
+    groups: at most `capacity` ids, none older than `window_s` seconds (contract 7)."""
 
     def __init__(self, capacity: int, window_s: float):
         self.capacity = capacity
         self.window_s = window_s
-        self._ids: OrderedDict[str, float] = OrderedDict()
+        self._ids: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
-    def add(self, gid: str, now: float) -> None:
+    def add(self, gid: str, now: float, outcome: str) -> None:
         ids = self._ids
-        ids[gid] = now
-        while ids and (len(ids) > self.capacity or next(iter(ids.values())) < now - self.window_s):
+        ids[gid] = (now, outcome)
+        while ids and (len(ids) > self.capacity or next(iter(ids.values()))[0] < now - self.window_s):
             ids.popitem(last=False)
+
+    def outcome(self, gid: str) -> Optional[str]:
+        found = self._ids.get(gid)
+        return None if found is None else found[1]
 
     def __contains__(self, gid: str) -> bool:
         return gid in self._ids

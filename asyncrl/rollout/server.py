@@ -102,6 +102,7 @@ class RolloutServer:
             if closed:
                 break
             if granted == 0:
+                self.producer.reconcile()  # hear what settled, and resend to a restarted queue
                 time.sleep(pause)  # waiting for the learner to move on (the staleness bound)
                 pause = min(pause * 1.5, 0.05)
                 continue
@@ -109,6 +110,16 @@ class RolloutServer:
             for group in self.generate(granted):
                 self._put(group)
         return self.groups_sent
+
+    def settlement(self) -> dict:
+        """How the groups this server handed over ended, as of a last look at the queue; for its exit log line."""
+        try:
+            self.producer.reconcile(force=True)
+        except Exception as exc:  # the queue may already be gone at shutdown; the counts still say what is known
+            log.warning("%s: could not ask the queue what became of %d groups: %s", self.engine_id,
+                        len(self.producer.unsettled), exc)
+        return {"outcomes": dict(sorted(self.producer.outcomes.items())), "unsettled": len(self.producer.unsettled),
+                "resent": self.producer.resent}
 
     def _put(self, group: TrajectoryGroup) -> None:
         while True:
