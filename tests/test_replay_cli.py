@@ -8,46 +8,11 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from asyncrl.config import load_config
 from asyncrl.queue.client import QueueConsumer
-from asyncrl.queue.codec import encode_group
 from asyncrl.replay.cli import replay
-from asyncrl.replay.mirror import ReplayMirror
 from asyncrl.replay.store import PROX_FIELD, RunKeys
 from conftest import ROOT, free_port
-from replay_fixtures import char_group, redis_server, redis_server_with_password  # noqa: F401  (fixtures)
-
-
-class Run:
-    """A mirrored run: groups at versions 0..3 from engines e0/e1, one stale drop, one reject."""
-
-    def __init__(self, url: str):
-        self.url = url
-        self.learner_version = 0
-        cfg = load_config(None, ["run_name=r1", f"replay.redis_url={url}"])
-        self.mirror = ReplayMirror.from_config(cfg, learner_version=lambda: self.learner_version)
-        self.groups = []
-        for version in range(4):
-            self.learner_version = version + (1 if version == 3 else 0)
-            for engine, rewards in (("e0", (1.0, 1.0)), ("e1", (0.0, 0.0))):
-                self.add(char_group(version=version, rewards=rewards, engine=engine))
-        self.stale = self.groups[0]
-        self.mirror.on_drop(self.stale.group_id, "stale", encode_group(self.stale))
-        self.mirror.on_reject("bad_schema", "group header is missing field 'id'")
-        assert self.mirror.flush(5)
-
-    def add(self, group) -> None:
-        self.groups.append(group)
-        self.mirror.on_accept(group.group_id, encode_group(group))
-
-    def cli(self, *args: str):
-        result = CliRunner().invoke(replay, ["--url", self.url, *args], catch_exceptions=False)
-        return result
-
-    def ids(self, *args: str) -> list[str]:
-        result = self.cli("ls", "--json", *args)
-        assert result.exit_code == 0, result.output
-        return [json.loads(line)["id"] for line in result.output.splitlines()]
+from replay_fixtures import Run, char_group, redis_server, redis_server_with_password  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

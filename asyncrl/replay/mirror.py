@@ -23,7 +23,7 @@ import numpy as np
 import redis
 
 from asyncrl.queue.codec import unpack_header
-from asyncrl.replay.store import FRAME_FIELDS, RUNS_KEY, ReplayStore, RunKeys, connect, redact
+from asyncrl.replay.store import FRAME_FIELDS, RUNS_KEY, ReplayStore, RunKeys, connect, connection_hint, redact
 
 log = logging.getLogger("asyncrl.replay")
 
@@ -247,8 +247,9 @@ class ReplayMirror:
             self.last_error = f"{type(exc).__name__}: {exc}"
             if time.monotonic() - self._last_warn > self.warn_every_s:
                 self._last_warn = time.monotonic()
-                log.warning("replay mirror: Redis at %s failed (%s); %d records lost so far, the queue goes on",
-                            redact(self.url), self.last_error, self.lost + len(batch))
+                log.warning("replay mirror: Redis at %s failed (%s; %s); %d records lost so far, the queue goes on",
+                            redact(self.url), self.last_error, connection_hint(self.url, self.last_error),
+                            self.lost + len(batch))
             return False
         if self._failing:
             self._failing = False

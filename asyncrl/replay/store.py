@@ -95,12 +95,25 @@ class RunKeys:
 
 
 def redact(url: str) -> str:
-    """The URL with its password replaced, for messages and logs."""
+    """The URL with its password (and a TLS key's `ssl_password`) replaced, for messages and logs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        parts = parts._replace(netloc=netloc)
+    if "ssl_password=" in parts.query:
+        parts = parts._replace(query=re.sub(r"(^|&)ssl_password=[^&]*", r"\1ssl_password=***", parts.query))
+    return urlunsplit(parts)
+
+
+def connection_hint(url: str, error: str) -> str:
+    """What to do about `error`, a failure to reach the Redis at `url`."""
+    if "CERTIFICATE_VERIFY_FAILED" in error:
+        return ("the server's TLS certificate was not verified; name the CA that signed it in the URL: "
+                "rediss://host:port/db?ssl_ca_certs=/path/ca.pem")
+    if urlsplit(url).scheme == "rediss":
+        return ("is that port serving TLS? TLS settings go in the URL: ssl_ca_certs=/path/ca.pem, and "
+                "ssl_certfile=/path/cert.pem&ssl_keyfile=/path/key.pem where the server demands a client certificate")
+    return "is redis-server running? pass --url or set ASYNCRL_REPLAY_URL"
 
 
 def connect(url: str, socket_timeout: float = 5.0, retries: int = 3) -> redis.Redis:
@@ -167,7 +180,7 @@ class ReplayStore:
             ) from None
         except redis.RedisError as exc:
             raise ReplayError(
-                f"cannot reach Redis at {redact(url)}: {exc}; is redis-server running? pass --url or set ASYNCRL_REPLAY_URL"
+                f"cannot reach Redis at {redact(url)}: {exc}; {connection_hint(url, str(exc))}"
             ) from None
         return store
 
