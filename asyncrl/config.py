@@ -97,6 +97,10 @@ class RolloutConfig(Section):
     """SGLang: refuse a server whose version is not the pinned one."""
     engine_weight_update: Literal["distributed", "tensor"] = "distributed"
     """SGLang: new versions over an NCCL group with the server ('distributed'), or as tensor handles to a colocated loopback server ('tensor')."""
+    engine_group_address: str = "127.0.0.1"
+    """SGLang 'distributed': an address of the rollout host that the server can reach; the rollout server hosts the weight group's rendezvous there, on a free port."""
+    engine_group_backend: Literal["nccl", "gloo"] = "nccl"
+    """SGLang 'distributed': the weight group's backend; nccl on GPUs (what SGLang expects), gloo only for CPU tests."""
     engine_args: dict[str, Any] = {}
     """vLLM: extra keyword arguments of vllm.LLM (e.g. gpu_memory_utilization, tensor_parallel_size, dtype, enable_sleep_mode)."""
     groups_per_batch: int = Field(8, ge=1)

@@ -11,7 +11,7 @@ from asyncrl.config import ConfigError, ModelConfig, load_config
 from asyncrl.modeling import build_model
 from asyncrl.rollout.engine import SamplingParams, TorchEngine
 from asyncrl.rollout.engines import Engine, build_engine
-from asyncrl.rollout.engines.base import health
+from asyncrl.rollout.engines.base import EngineError, health
 from asyncrl.rollout.tasks import build_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +34,12 @@ def test_build_engine_gives_the_torch_engine_on_version_minus_one_by_default():
 def test_a_model_vocabulary_smaller_than_the_task_needs_is_refused_with_the_setting():
     cfg = load_config(None, ["model.vocab_size=4"])
     with pytest.raises(ValueError, match="model.vocab_size >= 16"):
+        build_engine(cfg, build_task(cfg.task).tokenizer)
+
+
+def test_interrupt_mode_with_the_in_process_vllm_is_refused_with_the_setting():
+    cfg = load_config(None, ["rollout.engine=vllm", "weights.update_mode=interrupt"])
+    with pytest.raises(EngineError, match="update_mode=drain"):
         build_engine(cfg, build_task(cfg.task).tokenizer)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
 import shutil
 import threading
 import time
@@ -36,6 +37,13 @@ class SGLangServerDouble:
         self.paused = False
         self.delay_s = 0.0
         self.fail_updates = False
+        self.generate_s = 0.0
+        """How long /generate works before answering, unless /abort_request cuts it short."""
+        self.aborted = threading.Event()
+        self.join_groups = False
+        """Really join the weight-update group asked for (in a child process, as SGLang's workers do)."""
+        self.peer = None
+        self.received: dict[str, torch.Tensor] = {}
         double = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,8 +70,8 @@ class SGLangServerDouble:
                     "/generate": double.generate,
                     "/pause_generation": lambda b: double.set_paused(True),
                     "/continue_generation": lambda b: double.set_paused(False),
-                    "/abort_request": lambda b: (200, None),
-                    "/init_weights_update_group": lambda b: (200, {"success": True, "message": "Succeeded."}),
+                    "/abort_request": double.abort,
+                    "/init_weights_update_group": double.init_group,
                     "/update_weights_from_distributed": double.update_weights,
                     "/update_weights_from_tensor": double.update_weights,
                 }.get(self.path)
@@ -92,15 +100,22 @@ class SGLangServerDouble:
 
     def generate(self, body):
         rows = body["input_ids"]
-        limit = body["sampling_params"]["max_new_tokens"]
+        sampling = body["sampling_params"]
+        sampling = sampling if isinstance(sampling, list) else [sampling] * len(rows)
+        self.aborted.clear()
+        aborted = self.aborted.wait(self.generate_s) if self.generate_s else False
         outputs = []
         for i, row in enumerate(rows):
+            limit = sampling[i]["max_new_tokens"]
             # Even rows stop on EOS after 3 tokens, odd rows run to max_new_tokens.
             stops = i % 2 == 0 and limit > 3
             tokens = [10 + (row[-1] + t) % 20 for t in range(3 if stops else limit)]
             if stops:
                 tokens[-1] = EOS
             finish = {"type": "stop", "matched": EOS} if stops else {"type": "length", "length": limit}
+            if aborted:  # cut short: half of what it would have made
+                tokens = tokens[: len(tokens) // 2]
+                finish = {"type": "abort", "message": "Abort before prefill"}
             entries = [[self.logprob(row, t), tok, None] for t, tok in enumerate(tokens)]
             outputs.append({"text": "", "output_ids": tokens, "meta_info": {
                 "id": f"req-{i}", "finish_reason": finish, "prompt_tokens": len(row),
@@ -108,13 +123,35 @@ class SGLangServerDouble:
                 "cached_tokens": 0, "e2e_latency": 0.01, "output_token_logprobs": entries}})
         return 200, outputs
 
+    def abort(self, body):
+        if body.get("abort_all"):
+            self.aborted.set()
+        return 200, None
+
     def set_paused(self, paused: bool):
         self.paused = paused
         return 200, {"message": "ok", "status": "ok"}
 
+    def init_group(self, body):
+        if self.join_groups:
+            ctx = mp.get_context("spawn")
+            mine, theirs = ctx.Pipe()
+            args = (theirs, body["master_address"], body["master_port"], body["rank_offset"], body["world_size"],
+                    body["group_name"], body["backend"])
+            self.peer = (ctx.Process(target=group_peer, args=args, daemon=True), mine)
+            self.peer[0].start()
+            if not mine.poll(60) or mine.recv_bytes() != b"joined":
+                return 500, {"success": False, "message": "the double's group peer did not join"}
+        return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
+
     def update_weights(self, body):
         if self.fail_updates:
             return 400, {"success": False, "message": "Failed to update weights: shape mismatch for lm_head.weight"}
+        if self.peer is not None and "names" in body:
+            conn = self.peer[1]
+            conn.send_bytes(json.dumps(body).encode())
+            for name, shape in zip(body["names"], body["shapes"]):
+                self.received[name] = torch.frombuffer(bytearray(conn.recv_bytes()), dtype=torch.float32).reshape(shape)
         self.weight_version = body.get("weight_version") or self.weight_version
         return 200, {"success": True, "message": "Succeeded to update model weights."}
 
@@ -122,8 +159,26 @@ class SGLangServerDouble:
         return [path for path, _ in self.requests]
 
     def close(self):
+        if self.peer is not None:
+            self.peer[1].send_bytes(b"null")
+            self.peer[0].join(10)
         self.server.shutdown()
         self.server.server_close()
+
+
+def group_peer(conn, address, port, rank, world_size, group_name, backend):
+    """The double's side of the weight-update group, in its own process like SGLang's workers: it
+    joins with the same torch calls SGLang's `init_custom_process_group` makes, then receives each
+    broadcast tensor an update request names and hands its values back as float32 bytes."""
+    from asyncrl.weights.transport import broadcast, open_engine_group
+
+    group = open_engine_group(address, port, rank, world_size, group_name, backend, timeout_s=60)
+    conn.send_bytes(b"joined")
+    while (request := json.loads(conn.recv_bytes())) is not None:
+        for shape, dtype in zip(request["shapes"], request["dtypes"]):
+            tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+            broadcast(group, tensor)
+            conn.send_bytes(tensor.float().numpy().tobytes())
 
 
 @pytest.fixture
@@ -194,7 +249,7 @@ def test_distributed_weight_update_names_every_tensor_broadcasts_them_in_order_a
 
     init = dict(double.requests)["/init_weights_update_group"]
     assert init == {"master_address": "10.0.0.1", "master_port": 29500, "rank_offset": 1, "world_size": 2,
-                    "group_name": "weight_update_group", "backend": "nccl"}
+                    "group_name": engine.group_name, "backend": "nccl"}
     update = dict(double.requests)["/update_weights_from_distributed"]
     assert update["names"] == list(state)
     assert update["dtypes"] == ["float32", "bfloat16"]
@@ -234,6 +289,35 @@ def test_distributed_update_without_a_group_says_how_to_open_one(double):
     engine = SGLangEngine(double.url, EOS, timeout_s=5)
     with pytest.raises(EngineError, match="init_weight_group"):
         engine.load_weights({"w": torch.zeros(1)}, version=1)
+
+
+def test_interrupt_aborts_the_batch_and_continues_each_sample_with_exact_per_token_versions(double):
+    engine = SGLangEngine(double.url, EOS, timeout_s=10, broadcast=lambda tensor: None)
+    engine.load_weights({"w": torch.zeros(1)}, version=1)
+    double.generate_s = 5.0
+    params = SamplingParams(n=2, max_new_tokens=8)
+    staged = threading.Event()
+    threading.Timer(0.2, staged.set).start()  # a new version arrives while the batch runs
+    started = time.monotonic()
+    first = engine.generate_versioned([[5, 6, 7]], params, interrupt=staged.is_set)
+    assert time.monotonic() - started < 3  # aborted, not waited out
+    assert ("/abort_request", {"rid": "", "abort_all": True}) in double.requests
+    assert [c.finish_reason for c in first[0]] == ["abort", "abort"]
+    made = [len(c.tokens) for c in first[0]]
+    assert made == [1, 4] and all(set(c.versions) == {1} for c in first[0])
+
+    double.generate_s = 0.0
+    engine.load_weights({"w": torch.zeros(1)}, version=2)  # the swap between the two calls
+    final = engine.generate_versioned([[5, 6, 7]], params, partials=first, interrupt=lambda: False)
+    body = [b for path, b in double.requests if path == "/generate"][-1]
+    assert body["input_ids"] == [[5, 6, 7, *c.tokens] for c in first[0]]  # prompt + tokens so far
+    assert [sp["max_new_tokens"] for sp in body["sampling_params"]] == [8 - m for m in made]
+    for before, after in zip(first[0], final[0]):
+        assert after.tokens[: len(before.tokens)] == before.tokens
+        assert after.logprobs[: len(before.logprobs)] == before.logprobs
+        assert after.versions == [1] * len(before.tokens) + [2] * (len(after.tokens) - len(before.tokens))
+        assert after.finish_reason in ("stop", "length") and len(after.tokens) <= 8
+    assert [c.finish_reason for c in final[0]] == ["stop", "length"] and len(final[0][1].tokens) == 8
 
 
 def test_pause_abort_and_continue_reach_their_endpoints(double):
@@ -319,11 +403,56 @@ def test_real_sglang_server_generates_with_logprobs_and_takes_a_weight_version()
         engine.close()
 
 
+@pytest.mark.gpu
+@pytest.mark.sglang
+def test_real_sglang_server_takes_a_version_over_the_nccl_group():
+    pytest.importorskip("sglang")
+    if not torch.cuda.is_available() or shutil.which("nvidia-smi") is None:
+        pytest.skip("needs a CUDA GPU")
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    model = os.environ.get("ASYNCRL_SGLANG_MODEL")
+    if not model:
+        pytest.skip("set ASYNCRL_SGLANG_MODEL to a local checkpoint directory")
+    launch = ["python", "-m", "sglang.launch_server", "--model-path", model, "--port", "30124", "--weight-version", "0"]
+    engine = SGLangEngine("http://127.0.0.1:30124", EOS, launch=launch, start_timeout_s=600)
+    try:
+        engine.connect_weight_group("127.0.0.1", "nccl", timeout_s=120)
+        state = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.bfloat16).state_dict()
+        engine.load_weights(state, version=1)
+        groups = engine.generate_versioned([[1, 2, 3]], SamplingParams(n=2, max_new_tokens=8))
+        assert all(set(c.versions) == {1} for c in groups[0])
+        assert engine.model_info()["weight_version"] == "1"
+    finally:
+        engine.close()
+
+
+def test_rollout_engine_sglang_opens_the_weight_group_and_the_server_receives_every_tensor(double):
+    from asyncrl.config import load_config
+    from asyncrl.rollout.engines import build_engine
+
+    double.join_groups = True
+    cfg = load_config(None, ["rollout.engine=sglang", f"rollout.engine_url={double.url}", "rollout.engine_timeout_s=60",
+                             "rollout.engine_group_backend=gloo"])  # gloo: the NCCL path needs a GPU (marked test below)
+    engine = build_engine(cfg, type("Tokenizer", (), {"eos_token_id": EOS})())
+    init = dict(double.requests)["/init_weights_update_group"]
+    assert (init["master_address"], init["rank_offset"], init["world_size"], init["backend"]) == ("127.0.0.1", 1, 2, "gloo")
+    state = {"model.embed_tokens.weight": torch.randn(5, 3), "model.norm.weight": torch.randn(3).to(torch.bfloat16)}
+    engine.load_weights(state, version=4)
+    assert list(double.received) == list(state)
+    for name, tensor in state.items():
+        assert torch.equal(double.received[name], tensor.float())
+    assert engine.version == 4 and double.weight_version == "4"
+
+
 def test_rollout_engine_sglang_attaches_to_the_configured_url(double):
     from asyncrl.config import load_config
     from asyncrl.rollout.engines import build_engine
 
-    cfg = load_config(None, ["rollout.engine=sglang", f"rollout.engine_url={double.url}", "rollout.engine_timeout_s=5"])
+    cfg = load_config(None, ["rollout.engine=sglang", f"rollout.engine_url={double.url}", "rollout.engine_timeout_s=5",
+                             "rollout.engine_weight_update=tensor"])
     engine = build_engine(cfg, type("Tokenizer", (), {"eos_token_id": EOS})())
     assert isinstance(engine, SGLangEngine) and engine.version == -1 and engine.process is None
     assert engine.client.url == double.url

@@ -129,7 +129,32 @@ def open_group(init: str, rank: int, world_size: int, backend: str = "gloo", tim
     return dist.ProcessGroupGloo(store, rank, world_size, timeout)
 
 
-def _broadcast(group, tensor: torch.Tensor) -> None:
+def open_engine_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
+                      backend: str = "nccl", timeout_s: float = 600.0):
+    """A process group formed the way an engine server forms its side of a weight-update group
+    (SGLang's `/init_weights_update_group`; vLLM, verl and AReaL do the same): torch's tcp://
+    rendezvous at master_address:master_port (rank 0 hosts the store), a PrefixStore named after
+    the group, and torch's own process-group constructor, so both sides derive the same store keys.
+    It is not torch's default group, and is registered under `group_name` (once per process).
+
+    The constructor is private torch API (`_new_process_group_helper`); it is what the engines call,
+    and matching them is the point. A peer that never joins is an error after timeout_s.
+    """
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+
+    if backend not in ("gloo", "nccl"):
+        raise WeightsError(f"engine group backend {backend!r}: use 'nccl' (GPU) or 'gloo' (CPU, tests)")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
+                                         group_name=group_name, timeout=timeout)
+    _world.pg_group_ranks[group] = {i: i for i in range(world_size)}  # what dist.broadcast(group=...) looks up
+    return group
+
+
+def broadcast(group, tensor: torch.Tensor) -> None:
+    """Rank 0's tensor into every rank's `tensor`, in `group` (a group from open_group or open_engine_group)."""
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     group.broadcast([tensor], opts).wait()
@@ -143,26 +168,26 @@ def group_send(group, backend: str, published: Published) -> None:
     """Rank 0: push one version to every rank (manifest length, manifest, then each bucket)."""
     device = _device(backend)
     header = msgpack.packb(published.manifest, use_bin_type=True)
-    _broadcast(group, torch.tensor([len(header)], dtype=torch.int64, device=device))
-    _broadcast(group, torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device))
+    broadcast(group, torch.tensor([len(header)], dtype=torch.int64, device=device))
+    broadcast(group, torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device))
     for buf in published.buffers:
         if len(buf):
-            _broadcast(group, torch.frombuffer(bytearray(buf) if device.type == "cpu" else buf, dtype=torch.uint8).to(device))
+            broadcast(group, torch.frombuffer(bytearray(buf) if device.type == "cpu" else buf, dtype=torch.uint8).to(device))
 
 
 def group_receive(group, backend: str) -> tuple[dict, list]:
     """Ranks > 0: receive one version; CPU buckets are checksummed, NCCL ones are size-checked."""
     device = _device(backend)
     length = torch.zeros(1, dtype=torch.int64, device=device)
-    _broadcast(group, length)
+    broadcast(group, length)
     header = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
-    _broadcast(group, header)
+    broadcast(group, header)
     manifest = msgpack.unpackb(header.cpu().numpy().tobytes(), raw=False, strict_map_key=True)
     buffers = []
     for index, meta in enumerate(manifest["buckets"]):
         data = torch.empty(meta["nbytes"], dtype=torch.uint8, device=device)
         if meta["nbytes"]:
-            _broadcast(group, data)
+            broadcast(group, data)
         if device.type == "cpu":
             # CPU: verify like any other transport. NCCL checks its own transfers; copying a
             # bucket back to the host only to checksum it would cost more than the broadcast.

@@ -30,7 +30,13 @@ def build_engine(cfg: "Config", tokenizer) -> Engine:
             weight_update=rc.engine_weight_update, launch=rc.engine_launch,
             start_timeout_s=rc.engine_start_timeout_s, check_version=rc.engine_check_version,
         )
+        if rc.engine_weight_update == "distributed":
+            engine.connect_weight_group(rc.engine_group_address, rc.engine_group_backend, timeout_s=rc.engine_timeout_s)
     elif rc.engine == "vllm":
+        if cfg.weights.update_mode == "interrupt":
+            # vllm.LLM.generate runs a batch to the end in this process: there is nothing to abort it with.
+            raise EngineError("weights.update_mode=interrupt is not supported with rollout.engine=vllm (the "
+                              "in-process LLM cannot abort a running batch); use weights.update_mode=drain")
         from asyncrl.rollout.engines.vllm import VLLMEngine
 
         engine = VLLMEngine(cfg.model.path, tokenizer.eos_token_id, engine_args=rc.engine_args)

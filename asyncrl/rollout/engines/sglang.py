@@ -20,8 +20,9 @@ Design decisions:
 - Versions: every update carries `weight_version=str(version)` and each response's
   `meta_info.weight_version` tags its tokens, so a response is attributed to the weights that
   produced it even if an update raced it.
-- Weights: 'distributed' opens an NCCL group with the server (`/init_weights_update_group`) and
-  broadcasts each tensor while `/update_weights_from_distributed` receives it; 'tensor'
+- Weights: 'distributed' opens an NCCL group with the server (`connect_weight_group`: this
+  process is rank 0, the server's tensor-parallel workers ranks 1..tp, formed the way SGLang forms
+  its side) and broadcasts each tensor while `/update_weights_from_distributed` receives it; 'tensor'
   (colocated, same host) hands SGLang CUDA-IPC handles via `/update_weights_from_tensor`. The
   latter uses SGLang's own pickle-based serializer, so it is allowed only to a loopback server.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import uuid
 from typing import Any, Callable, Literal, Optional
 from urllib.parse import urlparse
 
@@ -60,8 +62,9 @@ def sglang_sampling_params(params) -> dict[str, Any]:
     }
 
 
-def parse_generate_output(output: dict, fallback_version: int):
-    """One `/generate` result -> (Completion, weight version that produced it)."""
+def parse_generate_output(output: dict, fallback_version: int, allow_abort: bool = False):
+    """One `/generate` result -> (Completion, weight version that produced it). An aborted request
+    (finish_reason 'abort', with the tokens made before the abort) is an error unless `allow_abort`."""
     from asyncrl.rollout.engine import Completion
 
     meta = output.get("meta_info") if isinstance(output, dict) else None
@@ -74,7 +77,7 @@ def parse_generate_output(output: dict, fallback_version: int):
     tokens = [int(entry[1]) for entry in entries]
     logprobs = [float(entry[0]) for entry in entries]
     reason = (meta.get("finish_reason") or {}).get("type")
-    if reason not in ("stop", "length"):
+    if reason not in (("stop", "length", "abort") if allow_abort else ("stop", "length")):
         raise EngineError(
             f"SGLang request {meta.get('id')} finished with {meta.get('finish_reason')!r}; "
             f"expected 'stop' or 'length' (was it aborted?)"
@@ -110,6 +113,8 @@ class SGLangEngine(ServerEngineMixin):
         """Weight versions reported by the last generate call, one per sample (prompt-major)."""
         self._serializer = serializer
         self._broadcast = broadcast
+        self.group_name = f"asyncrl_weights_{uuid.uuid4().hex[:8]}"
+        """Names the weight-update group; unique, since a process registers each group name once."""
         self._lock = threading.RLock()
         if weight_update == "tensor" and urlparse(self.client.url).hostname not in LOOPBACK:
             raise EngineError(
@@ -147,11 +152,26 @@ class SGLangEngine(ServerEngineMixin):
         """n completions per prompt; `generator` is unused (the server seeds its own sampling)."""
         if not prompts:
             return []
-        sampling = sglang_sampling_params(params)
         rows = [list(map(int, p)) for p in prompts for _ in range(params.n)]
-        body = {"input_ids": rows, "sampling_params": sampling, "return_logprob": True, "logprob_start_len": -1}
+        parsed = self._generate_rows(rows, [params.max_new_tokens] * len(rows), params)
+        self.versions_seen = [version for _, version in parsed]
+        n = params.n
+        completions = [c for c, _ in parsed]
+        return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _generate_rows(self, rows: list[list[int]], budgets: list[int], params, interrupt=None) -> list:
+        """One /generate of `rows`, row i with at most budgets[i] new tokens; [(Completion, version)].
+
+        With `interrupt`, it is polled while the request runs; once it turns true every running request
+        is aborted (/abort_request, abort_all) and comes back with the tokens it had (finish 'abort')."""
+        sampling = [dict(sglang_sampling_params(params), max_new_tokens=b) for b in budgets]
+        body = {"input_ids": rows, "sampling_params": sampling if len(set(budgets)) > 1 else sampling[0],
+                "return_logprob": True, "logprob_start_len": -1}
         with self._lock:
-            answer = self.client.post("/generate", body)
+            if interrupt is None:
+                answer = self.client.post("/generate", body)
+            else:
+                answer = self._post_interruptible(body, interrupt)
         if isinstance(answer, dict):
             answer = [answer]
         if not isinstance(answer, list) or len(answer) != len(rows):
@@ -159,17 +179,60 @@ class SGLangEngine(ServerEngineMixin):
                 f"SGLang /generate returned {len(answer) if isinstance(answer, list) else type(answer).__name__} "
                 f"results for {len(rows)} requests"
             )
-        parsed = [parse_generate_output(out, self.version) for out in answer]
-        self.versions_seen = [version for _, version in parsed]
-        n = params.n
-        completions = [c for c, _ in parsed]
-        return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
+        return [parse_generate_output(out, self.version, allow_abort=interrupt is not None) for out in answer]
+
+    def _post_interruptible(self, body: dict, interrupt: Callable[[], bool], poll_s: float = 0.005) -> Any:
+        result: dict = {}
+
+        def request() -> None:
+            try:
+                result["answer"] = self.client.post("/generate", body)
+            except BaseException as e:  # reported on the caller's thread below
+                result["error"] = e
+
+        thread = threading.Thread(target=request, daemon=True)
+        thread.start()
+        aborted = False
+        while thread.is_alive():
+            thread.join(poll_s)
+            if not aborted and thread.is_alive() and interrupt():
+                self.abort()  # the running requests return at once with what they made so far
+                aborted = True
+        if "error" in result:
+            raise result["error"]
+        return result["answer"]
 
     def generate_versioned(self, prompts, params, generator=None, partials=None, interrupt=None):
-        results = super().generate_versioned(prompts, params, generator, partials, interrupt)
-        for c, version in zip((c for group in results for c in group), self.versions_seen):
-            c.versions = [version] * len(c.tokens)
-        return results
+        """Each token tagged with the weight version the server reports for its request.
+
+        Interrupt mode (`interrupt` given): a staged weight version aborts the running batch, and the
+        samples come back with finish 'abort'; called again with them as `partials` (after the swap),
+        each unfinished sample continues from its prompt plus its tokens so far, with what is left of
+        max_new_tokens, and its new tokens carry the new version. Finished samples are kept as they are."""
+        from asyncrl.rollout.engine import VersionedCompletion
+
+        if not prompts:
+            return []
+        n = params.n
+        if partials is None:
+            done = [VersionedCompletion([], [], [], "abort") for _ in range(len(prompts) * n)]
+        else:
+            done = [c for group in partials for c in group]
+        todo = [i for i, c in enumerate(done) if c.finish_reason == "abort"]
+        rows = [list(map(int, prompts[i // n])) + list(done[i].tokens) for i in todo]
+        budgets = [params.max_new_tokens - len(done[i].tokens) for i in todo]
+        parsed = self._generate_rows(rows, budgets, params, interrupt) if todo else []
+        for i, (completion, version) in zip(todo, parsed):
+            before = done[i]
+            reason = completion.finish_reason
+            if reason == "abort" and len(before.tokens) + len(completion.tokens) >= params.max_new_tokens:
+                reason = "length"  # aborted with nothing left to make: finished
+            done[i] = VersionedCompletion(
+                list(before.tokens) + list(completion.tokens), list(before.logprobs) + list(completion.logprobs),
+                list(before.versions) + [version] * len(completion.tokens), reason,
+            )
+        self.versions_seen = [version for _, version in parsed]
+        return [done[g * n : (g + 1) * n] for g in range(len(prompts))]
 
     # --- interrupt mode --------------------------------------------------------------------------
 
@@ -186,15 +249,56 @@ class SGLangEngine(ServerEngineMixin):
     # --- weights ---------------------------------------------------------------------------------
 
     def init_weight_group(self, master_address: str, master_port: int, world_size: int = 2,
-                          group_name: str = "weight_update_group", backend: str = "nccl") -> None:
+                          group_name: Optional[str] = None, backend: str = "nccl") -> None:
         """Ask the server to join the weight-broadcast group (its ranks start at 1; we are rank 0).
 
-        The caller opens its own side of the group (rank 0) while this request is in flight,
-        and hands `broadcast` (rank 0's `torch.distributed.broadcast` in that group) to the engine.
+        The caller opens its own side of the group (rank 0) while this request is in flight, and
+        hands `broadcast` (rank 0's broadcast in that group) to the engine; `connect_weight_group` does both.
         """
         body = {"master_address": master_address, "master_port": master_port, "rank_offset": 1,
-                "world_size": world_size, "group_name": group_name, "backend": backend}
+                "world_size": world_size, "group_name": group_name or self.group_name, "backend": backend}
         self._expect_success("/init_weights_update_group", self.client.post("/init_weights_update_group", body))
+
+    def connect_weight_group(self, master_address: str = "127.0.0.1", backend: str = "nccl",
+                             port: Optional[int] = None, timeout_s: float = 600.0) -> None:
+        """Open the weight-update group with the server, for weight_update='distributed'.
+
+        This process is rank 0 and hosts the rendezvous on master_address (an address of this host
+        that the server can reach) at `port` (a free one by default); the server's tensor-parallel
+        workers are ranks 1..tp_size (`/get_server_info`). The server joins while its
+        /init_weights_update_group request is being served, so that request goes out on its own
+        thread while this one joins; either side failing within timeout_s is an EngineError.
+        """
+        import torch
+
+        from asyncrl.ports import free_port
+        from asyncrl.weights.transport import broadcast, open_engine_group
+
+        info = self.client.get("/get_server_info")
+        tp_size = int(info.get("tp_size") or 1) if isinstance(info, dict) else 1
+        port = port or free_port()
+        failure: list[BaseException] = []
+
+        def request() -> None:
+            try:
+                self.init_weight_group(master_address, port, 1 + tp_size, self.group_name, backend)
+            except BaseException as e:  # reported on the caller's thread below
+                failure.append(e)
+
+        thread = threading.Thread(target=request, daemon=True)
+        thread.start()
+        try:
+            group = open_engine_group(master_address, port, 0, 1 + tp_size, self.group_name, backend, timeout_s)
+        except Exception as e:
+            thread.join(1.0)
+            cause = failure[0] if failure else e
+            raise EngineError(f"SGLang at {self.client.url} did not join the weight-update group at "
+                              f"{master_address}:{port} ({backend}) within {timeout_s:.0f} s: {cause}") from cause
+        thread.join(timeout_s)
+        if failure:
+            raise failure[0]
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        self._broadcast = lambda tensor: broadcast(group, tensor.to(device).contiguous())
 
     def load_weights(self, state_dict: dict, version: int) -> None:
         if self.weight_update == "tensor":
@@ -214,7 +318,7 @@ class SGLangEngine(ServerEngineMixin):
             "names": names,
             "dtypes": [str(state_dict[n].dtype).removeprefix("torch.") for n in names],
             "shapes": [list(state_dict[n].shape) for n in names],
-            "group_name": "weight_update_group",
+            "group_name": self.group_name,
             "flush_cache": True,
             "weight_version": str(version),
         }
