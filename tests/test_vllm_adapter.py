@@ -279,3 +279,70 @@ def test_real_vllm_generates_with_each_version_received_over_the_weight_codec(re
         for completion in engine.generate([prompt], params, torch.Generator().manual_seed(version))[0]:
             expected = completion_logprobs_under(model, prompt, completion, params)
             torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=1e-5, rtol=0)
+
+
+def vllm_engine_on_gpu(init: str, address: str, path: str, out: str) -> None:
+    """An engine process on cuda:1: vLLM on that GPU, each version received over the NCCL group."""
+    import json
+
+    from asyncrl.weights.receiver import WeightReceiver
+    from asyncrl.weights.transport import GroupReceiver, open_group
+
+    torch.cuda.set_device(1)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    engine = VLLMEngine(path, eos_token_id=2, engine_args={"max_model_len": 64, "skip_tokenizer_init": True,
+                                                           "distributed_executor_backend": "uni", "dtype": "float32"})
+    group = open_group(init, 1, 2, "nccl", timeout_s=120)
+    receiver = WeightReceiver(address, "vllm-gpu", timeout_s=30, transport="nccl", group=GroupReceiver(group, "nccl"))
+    got = None
+    while got is None:
+        got = receiver.poll(have=-1)
+    version, state = got
+    engine.load_weights(state, version)
+    receiver.ack(version)
+    completions = engine.generate([[1, 3, 4, 5, 14]], SamplingParams(n=2, max_new_tokens=6), None)[0]
+    with open(out, "w") as f:
+        json.dump({"version": engine.version, "samples": [[c.tokens, c.logprobs] for c in completions]}, f)
+    os._exit(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="the NCCL weight path needs two CUDA devices (learner and engine)")
+def test_real_vllm_on_a_gpu_generates_with_a_version_received_over_nccl(tmp_path):
+    pytest.importorskip("vllm")
+    import json
+    import multiprocessing
+
+    from asyncrl.ports import free_port
+    from asyncrl.weights.broadcaster import WeightBroadcaster
+    from asyncrl.weights.transport import GroupPublisher, open_group
+
+    model = tiny_qwen2(tmp_path / "model")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # version 1 differs from the weights vLLM loaded from disk
+    init = f"tcp://127.0.0.1:{free_port()}"
+    broadcaster = WeightBroadcaster(f"tcp://127.0.0.1:{free_port()}", bucket_bytes=1 << 16)
+    out = tmp_path / "engine.json"
+    proc = multiprocessing.get_context("spawn").Process(
+        target=vllm_engine_on_gpu, args=(init, broadcaster.address, str(tmp_path / "model"), str(out)))
+    proc.start()
+    try:
+        torch.cuda.set_device(0)
+        broadcaster.group = GroupPublisher(open_group(init, 0, 2, "nccl", timeout_s=120), "nccl")
+        broadcaster.publish(model.cuda(), 1)
+        proc.join(timeout=300)
+        assert proc.exitcode == 0
+        result = json.loads(out.read_text())
+        assert result["version"] == 1
+        params = SamplingParams(n=2, max_new_tokens=6)
+        model = model.cpu()
+        for tokens, logprobs in result["samples"]:
+            expected = completion_logprobs_under(model, [1, 3, 4, 5, 14], Completion(tokens, logprobs, "stop"), params)
+            torch.testing.assert_close(torch.tensor(logprobs), expected, atol=1e-4, rtol=0)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        broadcaster.close()
