@@ -1,6 +1,7 @@
 """The Redis replay mirror against a real queue and a real redis-server: what it writes, what it
 keeps, and what happens to the queue when Redis goes away."""
 
+import json
 import threading
 import time
 
@@ -159,6 +160,18 @@ def test_password_in_the_url_authenticates(redis_server_with_password):
     mirror.on_accept(group.group_id, encode_group(group))
     assert mirror.close()["written"] == 1
     assert redis_server_with_password.client().zcard(RunKeys("r1").by_seq) == 1
+
+
+def test_the_config_recorded_in_redis_holds_no_password(redis_server_with_password):
+    url = redis_server_with_password.url
+    cfg = load_config(None, [f"replay.redis_url={url}", "run_name=secret"])
+    mirror = ReplayMirror.from_config(cfg)
+    group = make_group()
+    mirror.on_accept(group.group_id, encode_group(group))
+    assert mirror.close()["written"] == 1
+    stored = redis_server_with_password.client().hgetall(RunKeys("secret").meta)
+    assert redis_server_with_password.password.encode() not in b"".join(stored.values())
+    assert json.loads(stored[b"config"])["replay"]["redis_url"].startswith("redis://:***@127.0.0.1")
 
 
 def test_queue_serve_mirrors_when_replay_redis_url_is_set(redis_server):

@@ -115,8 +115,10 @@ class ReplayMirror:
     def from_config(cls, cfg, learner_version: Callable[[], int] = lambda: 0) -> "ReplayMirror":
         """The mirror `cfg.replay` describes, recording `cfg` so that `show` can rebuild the tokenizer."""
         rc = cfg.replay
+        recorded = cfg.model_dump(mode="json")
+        recorded["replay"]["redis_url"] = redact(rc.redis_url)  # anyone who can read the run can read this
         meta = {
-            "config": json.dumps(cfg.model_dump(mode="json")),
+            "config": json.dumps(recorded),
             "task": cfg.task.name,
             # Informational only (`show` rebuilds the real one from the config): digit tasks use the
             # built-in character vocabulary, task 'dataset' the model's own tokenizer.
