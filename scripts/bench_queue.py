@@ -30,7 +30,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from asyncrl.ports import free_port  # noqa: E402
 from asyncrl.protocol import Sample, TrajectoryGroup, new_group_id  # noqa: E402
 from asyncrl.queue.codec import encode_group  # noqa: E402
 
@@ -54,9 +54,7 @@ CTX = mp.get_context("spawn")
 
 
 def free_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_port()}"  # below the ephemeral range, as the tests draw ports
 
 
 class Payload:
