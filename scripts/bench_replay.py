@@ -18,7 +18,6 @@ import argparse
 import json
 import multiprocessing as mp
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,15 +30,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from asyncrl.ports import free_port  # noqa: E402
 from asyncrl.protocol import Sample, TrajectoryGroup, new_group_id  # noqa: E402
 from asyncrl.queue.client import QueueConsumer, QueueProducer  # noqa: E402
 from asyncrl.queue.server import QueueServer, QueueSettings  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _redis_binary() -> str:
@@ -78,7 +72,7 @@ def _consume(address: str, groups: int, result) -> None:
 def run_once(groups: int, group_mib: float, samples: int, redis_url: str | None, maxlen: int) -> dict:
     settings = QueueSettings(max_staleness=1, groups_per_step=1, capacity_groups=64, capacity_bytes=1 << 30,
                              max_message_bytes=256 << 20)
-    server = QueueServer(f"tcp://127.0.0.1:{_free_port()}", settings)
+    server = QueueServer(f"tcp://127.0.0.1:{free_port()}", settings)
     mirror = None
     if redis_url:
         from asyncrl.replay.mirror import ReplayMirror
@@ -113,7 +107,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=200, help="Groups per measurement.")
     parser.add_argument("--group-mib", type=float, default=1.0, help="Size of one group in MiB.")
     parser.add_argument("--samples", type=int, default=8, help="Samples per group.")
-    parser.add_argument("--repeats", type=int, default=3, help="Measurements per configuration (median reported).")
+    parser.add_argument("--repeats", type=int, default=5, help="Measurements per configuration (median reported).")
     parser.add_argument("--maxlen", type=int, default=200, help="replay.maxlen of the mirror.")
     parser.add_argument("--redis-url", default=None, help="Use this Redis instead of starting one.")
     args = parser.parse_args()
@@ -121,7 +115,7 @@ def main() -> None:
     proc = None
     url = args.redis_url
     if url is None:
-        port = _free_port()
+        port = free_port()
         workdir = tempfile.mkdtemp(prefix="bench-redis-")
         proc = subprocess.Popen([_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                  "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
@@ -140,6 +134,7 @@ def main() -> None:
         if proc is not None:
             proc.kill()
     median = {k: statistics.median(r["groups_per_s"] for r in v) for k, v in runs.items()}
+    ratios = [w["groups_per_s"] / wo["groups_per_s"] for w, wo in zip(runs["with_mirror"], runs["without_mirror"])]
     report = {
         "group_mib": args.group_mib,
         "groups": args.groups,
@@ -149,8 +144,9 @@ def main() -> None:
         "mib_per_s": {k: v * args.group_mib for k, v in median.items()},
         # Each with-mirror run against the run just before it: steadier than the ratio of medians
         # when other work shares the machine.
-        "overhead": 1 - statistics.median(w["groups_per_s"] / wo["groups_per_s"]
-                                          for w, wo in zip(runs["with_mirror"], runs["without_mirror"])),
+        "overhead": 1 - statistics.median(ratios),
+        "paired_ratios": ratios,
+        "overhead_quartiles": [1 - q for q in reversed(statistics.quantiles(ratios, n=4))] if len(ratios) > 1 else None,
         "overhead_of_medians": 1 - median["with_mirror"] / median["without_mirror"],
         "target_overhead": 0.10,
         "runs": runs,
