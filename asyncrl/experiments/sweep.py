@@ -9,10 +9,11 @@ summary.py turns finished runs into tables.
 
 The corrections are named for what they do to off-policy data:
 
-- ``none``: plain PPO against the behaviour log-probs (loss.objective=behaviour); stale data is
-  trained as if it were on-policy.
+- ``none``: plain PPO against the behaviour log-probs (loss.objective=behaviour): no separate
+  correction, though its clipped ratio current/behaviour is an importance ratio of its own.
 - ``decoupled``: clip against recomputed proximal log-probs, no importance weight
-  behaviour -> proximal (loss.objective=decoupled, loss.correction=none).
+  behaviour -> proximal (loss.objective=decoupled, loss.correction=none): stale samples are
+  trained as if the proximal policy had made them, the really uncorrected one.
 - ``tis``: the decoupled objective with truncated importance weights (loss.correction=tis).
 """
 
