@@ -114,7 +114,7 @@ def raw_zmq_engine(index, address, ready, go, results) -> None:
 
 def gloo_engine(init, rank, world, sizes, ready, go, results) -> None:
     torch.set_num_threads(1)
-    from asyncrl.weights.transport import _broadcast, open_group
+    from asyncrl.weights.transport import broadcast, open_group
 
     group = open_group(init, rank, world, "gloo", timeout_s=300)
     buffers = [torch.empty(n, dtype=torch.uint8) for n in sizes]
@@ -122,7 +122,7 @@ def gloo_engine(init, rank, world, sizes, ready, go, results) -> None:
     go.wait()
     start = time.time()
     for buf in buffers:
-        _broadcast(group, buf)
+        broadcast(group, buf)
     results.put({"start": start, "end": time.time()})
 
 
@@ -202,7 +202,7 @@ def run_raw_zmq(ctx, frames, engines) -> dict:
 
 
 def run_gloo(ctx, frames, engines) -> dict:
-    from asyncrl.weights.transport import _broadcast, open_group
+    from asyncrl.weights.transport import broadcast, open_group
 
     init, world = f"tcp://127.0.0.1:{free_port()}", engines + 1
     sizes = [len(f) for f in frames]
@@ -217,7 +217,7 @@ def run_gloo(ctx, frames, engines) -> dict:
             ready.acquire()
         go.set()
         for tensor in tensors:
-            _broadcast(group, tensor)
+            broadcast(group, tensor)
         rows = collect(procs, results, engines)
     finally:
         for p in procs:
