@@ -135,3 +135,17 @@ def test_groups_resent_before_the_learner_spoke_to_the_new_queue_wait_for_it():
         second.kill()
         producer.close()
         consumer.close()
+
+
+def test_a_queue_without_the_status_op_makes_the_producer_keep_nothing(queue_server):
+    """An older queue answers 'status' with bad_op: the producer stops keeping groups rather than fail or grow."""
+    server = queue_server(vocab_size=32)
+    del server._handlers["status"]  # as a queue from before the op
+    producer = QueueProducer(server.address, "p0", timeout_s=2)
+    try:
+        producer.put(make_group(version=0), ticketed=False)
+        assert producer.reconcile(force=True) == 0 and producer.unsettled == {}
+        producer.put(make_group(version=0), ticketed=False)
+        assert producer.unsettled == {}
+    finally:
+        producer.close()

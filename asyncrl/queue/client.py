@@ -146,6 +146,7 @@ class QueueProducer(_Client):
         """How this producer's settled groups ended: 'trained', 'dropped:<reason>', or 'discarded:future_version'
         (made by weights of versions the learner lost when it resumed from an older checkpoint)."""
         self.resent = 0
+        self._keep = True
         self._checked = time.monotonic()
         self._restarted = False
 
@@ -154,7 +155,7 @@ class QueueProducer(_Client):
         super()._new_instance(instance)
 
     def _hold(self, group: TrajectoryGroup, status: str) -> None:
-        if status in ("accepted", "duplicate"):
+        if self._keep and status in ("accepted", "duplicate"):
             self.unsettled[group.group_id] = group
 
     def reconcile(self, force: bool = False) -> int:
@@ -169,7 +170,17 @@ class QueueProducer(_Client):
         # Oldest first, in chunks; a chunk that is all still held means the newer rest is held too.
         for start in range(0, len(ids), MAX_STATUS_IDS):
             chunk = ids[start : start + MAX_STATUS_IDS]
-            reply, _ = self.request("status", {"ids": chunk})
+            try:
+                reply, _ = self.request("status", {"ids": chunk})
+            except QueueRequestError as exc:
+                if exc.code != "bad_op":
+                    raise
+                # A queue from before the status op: it cannot say what settled, so keep nothing.
+                log.warning("%s: the queue at %s has no 'status' op (an older asyncrl); unsettled groups are not kept, "
+                            "and a restart of that queue loses what it held", self.name, self.address)
+                self.unsettled.clear()
+                self._keep = False
+                return 0
             unknown, held = [], 0
             for gid, outcome in zip(chunk, reply["outcomes"]):
                 if outcome == "unknown":
@@ -210,15 +221,6 @@ class QueueProducer(_Client):
                 del self.unsettled[gid]
                 self.outcomes["discarded:future_version"] += 1
         return sent, True
-
-    def settle_all(self, timeout_s: float, should_stop=lambda: False) -> int:
-        """Reconcile until nothing is unsettled or `timeout_s` passes; returns how many stay unsettled."""
-        deadline = time.monotonic() + timeout_s
-        while self.unsettled and time.monotonic() < deadline and not should_stop():
-            self.reconcile(force=True)
-            if self.unsettled:
-                time.sleep(min(self.reconcile_s, max(0.0, deadline - time.monotonic())))
-        return len(self.unsettled)
 
     def ticket(self, version: int, want: int) -> tuple[int, bool]:
         """(granted, closed): how many groups may be started with weights of `version`."""
@@ -320,15 +322,11 @@ class QueueConsumer(_Client):
         self.rank = rank
         self.world = world
         self.verify = verify
-        self.version: Optional[int] = None
-        """The policy version of this consumer's last hello or get: said again to a restarted queue."""
         self.trained_ids: Callable[[], list[str]] = list
         """The ids of groups the learner trained that a producer may still resend; the learner sets it.
         Told to the queue in each consumer hello, so a restarted queue never delivers them again."""
 
     def hello(self, role: str = "consumer", version: Optional[int] = None, trained: Optional[list[str]] = None) -> dict:
-        if version is not None:
-            self.version = version
         if role == "consumer" and trained is None:
             trained = self.trained_ids()
         return super().hello(role, version, trained)
@@ -348,7 +346,6 @@ class QueueConsumer(_Client):
             fields["wait_ms"] = int(wait_ms)
         if self.rank is not None:
             fields.update(rank=self.rank, world=self.world)
-        self.version = version
         if self.instance is not None:
             fields["instance"] = self.instance  # said hello to this one: a restarted queue refuses the get
         try:

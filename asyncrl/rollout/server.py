@@ -113,6 +113,8 @@ class RolloutServer:
 
     def settlement(self) -> dict:
         """How the groups this server handed over ended, as of a last look at the queue; for its exit log line."""
+        # One short try: at shutdown the queue may be gone, and this must not hold the exit for minutes.
+        self.producer.retries, self.producer.timeout_s = 0, min(self.producer.timeout_s, 5.0)
         try:
             self.producer.reconcile(force=True)
         except Exception as exc:  # the queue may already be gone at shutdown; the counts still say what is known
