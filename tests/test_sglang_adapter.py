@@ -382,9 +382,8 @@ def test_a_launch_command_that_exits_is_an_error_naming_the_command(double):
         SGLangEngine(url, EOS, timeout_s=0.5, launch=["sh", "-c", "exit 3"], start_timeout_s=10)
 
 
-@pytest.mark.gpu
-@pytest.mark.sglang
-def test_real_sglang_server_generates_with_logprobs_and_takes_a_weight_version():
+def real_sglang(port: int, **kwargs) -> tuple[SGLangEngine, str]:
+    """A real SGLang server started on `port` with the checkpoint in ASYNCRL_SGLANG_MODEL; skips without one."""
     pytest.importorskip("sglang")
     if not torch.cuda.is_available() or shutil.which("nvidia-smi") is None:
         pytest.skip("needs a CUDA GPU")
@@ -393,8 +392,14 @@ def test_real_sglang_server_generates_with_logprobs_and_takes_a_weight_version()
     model = os.environ.get("ASYNCRL_SGLANG_MODEL")
     if not model:
         pytest.skip("set ASYNCRL_SGLANG_MODEL to a local checkpoint directory")
-    launch = ["python", "-m", "sglang.launch_server", "--model-path", model, "--port", "30123", "--weight-version", "0"]
-    engine = SGLangEngine("http://127.0.0.1:30123", EOS, launch=launch, start_timeout_s=600, weight_update="tensor")
+    launch = ["python", "-m", "sglang.launch_server", "--model-path", model, "--port", str(port), "--weight-version", "0"]
+    return SGLangEngine(f"http://127.0.0.1:{port}", EOS, launch=launch, start_timeout_s=600, **kwargs), model
+
+
+@pytest.mark.gpu
+@pytest.mark.sglang
+def test_real_sglang_server_generates_with_logprobs_and_takes_a_weight_version():
+    engine, _ = real_sglang(30123, weight_update="tensor")
     try:
         groups = engine.generate([[1, 2, 3]], SamplingParams(n=2, max_new_tokens=8))
         assert all(len(c.tokens) == len(c.logprobs) > 0 for c in groups[0])
@@ -406,18 +411,9 @@ def test_real_sglang_server_generates_with_logprobs_and_takes_a_weight_version()
 @pytest.mark.gpu
 @pytest.mark.sglang
 def test_real_sglang_server_takes_a_version_over_the_nccl_group():
-    pytest.importorskip("sglang")
-    if not torch.cuda.is_available() or shutil.which("nvidia-smi") is None:
-        pytest.skip("needs a CUDA GPU")
-    import os
-
     from transformers import AutoModelForCausalLM
 
-    model = os.environ.get("ASYNCRL_SGLANG_MODEL")
-    if not model:
-        pytest.skip("set ASYNCRL_SGLANG_MODEL to a local checkpoint directory")
-    launch = ["python", "-m", "sglang.launch_server", "--model-path", model, "--port", "30124", "--weight-version", "0"]
-    engine = SGLangEngine("http://127.0.0.1:30124", EOS, launch=launch, start_timeout_s=600)
+    engine, model = real_sglang(30124)
     try:
         engine.connect_weight_group("127.0.0.1", "nccl", timeout_s=120)
         state = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.bfloat16).state_dict()
