@@ -57,6 +57,9 @@ overrides_arg = click.argument("overrides", nargs=-1)
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """asyncrl: fully asynchronous, off-policy RL for language models."""
+    from asyncrl.allocator import keep_freed_memory
+
+    keep_freed_memory()  # large arrays come and go in every command: reuse their pages (allocator.py)
 
 
 @main.command()
