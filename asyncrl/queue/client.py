@@ -19,9 +19,10 @@ import zmq
 
 from asyncrl.protocol import TrajectoryGroup
 from asyncrl.queue.codec import (
-    GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, decode_groups, decode_packed, encode_group, encode_packed, pack,
-    unpack_header,
+    GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, decode_groups, decode_packed, encode_group, encode_packed,
+    group_parts, pack, unpack_header,
 )
+from asyncrl.queue.shm import ArenaReader, ProducerArena, reachable
 from asyncrl.security import dealer
 
 MAX_STATUS_IDS = 4096
@@ -58,6 +59,8 @@ class _Client:
         self._req_ids = itertools.count(1)
         self.instance: Optional[str] = None
         """The queue instance that last answered with one (hello, put, status): a change means it restarted."""
+        self.tries = 0
+        """How many times the last request was sent (more than 1: an earlier try may have been taken)."""
         self._socket: Optional[zmq.Socket] = None
         self._connect()
 
@@ -68,6 +71,7 @@ class _Client:
 
     def request(self, op: str, fields: Optional[dict] = None, frames: list = ()) -> tuple[dict, list]:
         for attempt in range(self.retries + 1):
+            self.tries = attempt + 1
             req = next(self._req_ids)
             header = {"proto": PROTOCOL_VERSION, "op": op, "req": req, **(fields or {})}
             self._socket.send_multipart([pack(header), *frames], copy=False)
@@ -138,8 +142,20 @@ class QueueProducer(_Client):
     """The learner's version as of the last ticket reply."""
     reconcile_s = 0.5
 
-    def __init__(self, address: str, name: str, **kwargs):
+    def __init__(self, address: str, name: str, shm: bool = True, shm_min_bytes: int = 64 << 10,
+                 arena_bytes: int = 128 << 20, **kwargs):
+        """`shm`: write groups of at least `shm_min_bytes` array bytes into an arena of `arena_bytes` in
+        the queue's shared-memory directory when this process can see it (shm.py); else, or when the
+        arena is full, the arrays travel in the message."""
         super().__init__(address, name, **kwargs)
+        self.shm = shm
+        self.shm_min_bytes = shm_min_bytes
+        self.arena_bytes = arena_bytes
+        self.arena: Optional[ProducerArena] = None
+        self.arena_lost = 0
+        """Regions never reused: their put failed after a resend, so the queue may have taken one copy."""
+        self._shm_dir: Optional[str] = None
+        self._shm_failures = 0
         self.unsettled: dict[str, TrajectoryGroup] = {}
         """Accepted groups not yet settled, oldest first: what a restarted queue would be sent again."""
         self.outcomes: Counter = Counter()
@@ -153,6 +169,75 @@ class QueueProducer(_Client):
     def _new_instance(self, instance: str) -> None:
         self._restarted = self.instance is not None
         super()._new_instance(instance)
+
+    def hello(self, role: str = "producer", version: Optional[int] = None, trained: Optional[list[str]] = None) -> dict:
+        reply = super().hello(role, version, trained)
+        self._use_offer(reply.get("shm"))
+        return reply
+
+    # -- the arena (shm.py) ------------------------------------------------------------------
+
+    def _use_offer(self, offer) -> None:
+        """Follow the queue's shared-memory offer: a new queue (or a first hello) means a new arena."""
+        directory = reachable(offer) if self.shm and self._shm_failures < 3 else None
+        if directory != self._shm_dir or directory is None:
+            self._drop_arena()
+        self._shm_dir = directory
+
+    def _drop_arena(self) -> None:
+        # Not unlinked: the queue may hold regions of it that a learner has still to read; the queue
+        # removes it once they settle (or its directory at exit).
+        if self.arena is not None:
+            self.arena.close(unlink=False)
+            self.arena = None
+
+    def _encode(self, group: TrajectoryGroup) -> tuple[list, Optional[dict]]:
+        """(frames, region): a large group's arrays go into the arena when the queue's directory is here."""
+        if self._shm_dir is not None:
+            header, parts = group_parts(group)
+            if sum(dtype.itemsize * sum(len(a) for a in arrays) for dtype, arrays in parts) >= self.shm_min_bytes:
+                if self.arena is None:
+                    try:
+                        self.arena = ProducerArena(self._shm_dir, self.name, self.arena_bytes)
+                    except OSError as exc:
+                        log.warning("%s: no arena in %s (%s); sending arrays in the messages", self.name, self._shm_dir, exc)
+                        self._shm_dir = None
+                ref = self.arena.write(parts) if self.arena is not None else None
+                if ref is not None:
+                    return [pack(header)], ref
+        return encode_group(group), None
+
+    def _put_request(self, fields: dict, frames: list, refs: list) -> Optional[dict]:
+        """One put; frees the regions the queue reports it will not read again. None: the queue could
+        not read the arena (it restarted), so the groups must be encoded and sent again."""
+        used = [r["offset"] for r in refs if r is not None]
+        if used:
+            fields = {**fields, "arena": self.arena.name, "shm": refs}
+        try:
+            reply, _ = self.request("put", fields, frames)
+        except QueueRequestError as exc:
+            if used and self.tries == 1:
+                for offset in used:  # a refused message: the queue kept nothing of it
+                    self.arena.free(offset)
+            elif used:
+                self.arena_lost += len(used)  # an earlier try may have been taken: never write there again
+            if exc.code != "bad_shm" or not used:
+                raise
+            self._shm_failures += 1
+            log.warning("%s: the queue cannot read arena %s (%s); sending the arrays in the messages until it offers "
+                        "its directory again", self.name, self.arena.name, exc)
+            self._drop_arena()
+            self._shm_dir = None
+            self._restarted = True  # the next reconcile asks at once, and hears the queue's offer
+            return None
+        self._shm_failures = 0
+        self._freed(reply)
+        return reply
+
+    def _freed(self, reply: dict) -> None:
+        if self.arena is not None:
+            for offset in reply.get("freed", ()):
+                self.arena.free(offset)
 
     def _hold(self, group: TrajectoryGroup, status: str) -> None:
         if self._keep and status in ("accepted", "duplicate"):
@@ -171,7 +256,7 @@ class QueueProducer(_Client):
         for start in range(0, len(ids), MAX_STATUS_IDS):
             chunk = ids[start : start + MAX_STATUS_IDS]
             try:
-                reply, _ = self.request("status", {"ids": chunk})
+                reply, _ = self.request("status", {"ids": chunk, **({"arena": self.arena.name} if self.arena else {})})
             except QueueRequestError as exc:
                 if exc.code != "bad_op":
                     raise
@@ -181,6 +266,9 @@ class QueueProducer(_Client):
                 self.unsettled.clear()
                 self._keep = False
                 return 0
+            self._freed(reply)
+            if "shm" in reply and self._shm_dir is None:
+                self._use_offer(reply["shm"])
             unknown, held = [], 0
             for gid, outcome in zip(chunk, reply["outcomes"]):
                 if outcome == "unknown":
@@ -242,10 +330,12 @@ class QueueProducer(_Client):
         return status
 
     def _send(self, group: TrajectoryGroup, ticketed: bool, wait_s: float) -> str:
-        frames = encode_group(group)
         pause = wait_s
         while True:
-            reply, _ = self.request("put", {"ticketed": ticketed, "engine": self.name}, frames)
+            frames, ref = self._encode(group)
+            reply = self._put_request({"ticketed": ticketed, "engine": self.name}, frames, [ref])
+            if reply is None:
+                continue  # the arena was dropped: sent again with the arrays in the message
             if reply["status"] != "wait":
                 self._hold(group, reply["status"])
                 return reply["status"]
@@ -274,20 +364,25 @@ class QueueProducer(_Client):
 
     def _put_many(self, groups, ticketed: bool, wait_s: float, ask: Optional[dict]) -> tuple[list[str], dict]:
         packed = bool(groups) and sum(len(s.tokens) for g in groups for s in g.samples) < PACK_TOKENS * len(groups)
-        encoded = None if packed else [encode_group(g) for g in groups]
         statuses: list[Optional[str]] = [None] * len(groups)
         pending = list(range(len(groups)))
         pause, first = wait_s, {}
         while pending:
             fields = {"ticketed": ticketed, "engine": self.name, "groups": len(pending)}
+            refs = [None] * len(pending)
             if packed:
                 headers, plens, frames = encode_packed([groups[i] for i in pending])
                 fields.update(packed=True, headers=headers, plens=plens)
             else:
-                frames = [f for i in pending for f in encoded[i]]
+                frames = []  # encoded at each try: the queue frees the arena regions of groups told to wait
+                for k, i in enumerate(pending):
+                    group_frames, refs[k] = self._encode(groups[i])
+                    frames.extend(group_frames)
             if ask is not None and not first:
                 fields.update(ask)  # tickets are asked for once, in the first message
-            reply, _ = self.request("put", fields, frames)
+            reply = self._put_request(fields, frames, refs)
+            if reply is None:
+                continue  # the arena was dropped: sent again with the arrays in the messages
             first = first or reply
             waiting = []
             for i, status in zip(pending, reply["statuses"]):
@@ -310,14 +405,17 @@ class QueueConsumer(_Client):
 
     def __init__(
         self, address: str, name: str, vocab_size: Optional[int] = None, rank: Optional[int] = None, world: int = 1,
-        verify: bool = False, **kwargs
+        verify: bool = False, shm: bool = True, **kwargs
     ):
         """`rank`/`world`: this learner's data-parallel rank; each rank then receives its whole-group share
         (groups / world) of the same step's batch. None keeps the plain get: the whole batch to this consumer.
         `verify`: check every array again (NaN, vocabulary, versions); off by default, since the server
         validated each group when it was put and sends its frames on unchanged. Headers and sizes are
-        always checked."""
+        always checked. `shm`: read large groups' arrays from their producer's arena when this process
+        sees the queue's shared-memory directory (shm.py); learned at hello."""
         super().__init__(address, name, **kwargs)
+        self.shm = shm
+        self._reader: Optional[ArenaReader] = None
         self.vocab_size = vocab_size
         self.rank = rank
         self.world = world
@@ -329,16 +427,22 @@ class QueueConsumer(_Client):
     def hello(self, role: str = "consumer", version: Optional[int] = None, trained: Optional[list[str]] = None) -> dict:
         if role == "consumer" and trained is None:
             trained = self.trained_ids()
-        return super().hello(role, version, trained)
+        reply = super().hello(role, version, trained)
+        directory = reachable(reply.get("shm")) if self.shm else None
+        if directory is None or self._reader is None or self._reader.directory != directory:
+            self._reader = ArenaReader(directory) if directory else None
+        return reply
 
     def set_version(self, version: int) -> None:
         self.request("version", {"version": version})
 
-    def try_get(self, version: int, groups: int, wait_ms: int = 0) -> tuple[Optional[int], list[TrajectoryGroup], bool]:
+    def try_get(self, version: int, groups: int, wait_ms: int = 0,
+                ack: Optional[int] = None) -> tuple[Optional[int], list[TrajectoryGroup], bool]:
         """(lease, groups, closed): an empty list when fewer than `groups` are ready, after waiting up to
         `wait_ms` for them (the server holds the request and answers as soon as they are).
 
-        `groups` is the whole step's batch; with a rank set, this rank receives groups / world of them."""
+        `groups` is the whole step's batch; with a rank set, this rank receives groups / world of them.
+        `ack`: the previous step's lease, acknowledged by the same message (saves a round trip per step)."""
         # One token per logical get, the same in its resends: a reply lost to a timeout does not
         # leave behind a lease that nobody holds (the queue answers the resend with that lease).
         fields = {"version": version, "groups": groups, "consumer": self.name, "packed": True, "token": uuid.uuid4().hex}
@@ -348,6 +452,10 @@ class QueueConsumer(_Client):
             fields.update(rank=self.rank, world=self.world)
         if self.instance is not None:
             fields["instance"] = self.instance  # said hello to this one: a restarted queue refuses the get
+        if ack is not None:
+            fields["ack"] = int(ack)
+        if self._reader is not None:
+            fields["shm"] = True
         try:
             reply, frames = self.request("get", fields)
         except QueueRequestError as exc:
@@ -356,18 +464,45 @@ class QueueConsumer(_Client):
             # Before a restarted queue hands out anything, it must hear what this learner trained.
             self.hello("consumer", version)
             fields["instance"] = self.instance
+            fields["shm"] = self._reader is not None
             reply, frames = self.request("get", fields)
         count = int(reply["groups"])
         if count == 0:
             return None, [], bool(reply.get("closed"))
         buffers = [f.buffer for f in frames]
+        if "shm" in reply:
+            try:
+                buffers = self._read_regions(reply["shm"], buffers, count)
+            except (ProtocolError, OSError) as exc:
+                # Asking again with the same token gets the same lease, now with the arrays in the message.
+                log.warning("%s: cannot read the arena regions of a batch (%s); reading from messages from now on", self.name, exc)
+                self._reader = None
+                reply, frames = self.request("get", {**fields, "shm": False})
+                buffers = [f.buffer for f in frames]
         if reply.get("packed"):
             batch = decode_packed(reply.get("headers"), reply.get("plens"), buffers, count, self.vocab_size, check=self.verify)
         else:
-            if len(frames) != count * (1 + GROUP_FRAMES):
-                raise ProtocolError("bad_frames", f"batch reply has {len(frames)} frames for {count} groups")
+            if len(buffers) != count * (1 + GROUP_FRAMES):
+                raise ProtocolError("bad_frames", f"batch reply has {len(buffers)} frames for {count} groups")
             batch = decode_groups(buffers, count, self.vocab_size, check=self.verify)
         return int(reply["lease"]), batch, False
+
+    def _read_regions(self, refs, buffers: list, count: int) -> list:
+        """A reply's frames with each arena group's four arrays read (copied) from its region."""
+        if not isinstance(refs, list) or len(refs) != count:
+            raise ProtocolError("bad_shm", f"field 'shm' of a batch reply must list {count} regions or nils")
+        out, at = [], 0
+        for ref in refs:
+            if ref is None:
+                out.extend(buffers[at : at + 1 + GROUP_FRAMES])
+                at += 1 + GROUP_FRAMES
+            else:
+                out.append(buffers[at])
+                out.extend(self._reader.frames(ref))
+                at += 1
+        if at != len(buffers):
+            raise ProtocolError("bad_frames", f"batch reply has {len(buffers)} frames for its {count} groups and regions")
+        return out
 
     def get_batch(
         self, version: int, groups: int, timeout_s: float, should_stop=lambda: False, poll_s: float = 0.002

@@ -72,6 +72,18 @@ def encode_group(group: TrajectoryGroup) -> list:
     ]
 
 
+def group_parts(group: TrajectoryGroup) -> tuple[dict, list[tuple[np.dtype, list]]]:
+    """A group's header and, for each of its 4 array frames, the dtype and the arrays laid end to end
+    in it: for writers that place the frames themselves (a producer's arena, see shm.py)."""
+    samples = group.samples
+    return _group_header(group), [
+        (_TOKENS, [group.prompt_tokens]),
+        (_TOKENS, [s.tokens for s in samples]),
+        (_FLOATS, [s.behav_logprobs for s in samples]),
+        (_TOKENS, [s.versions for s in samples]),
+    ]
+
+
 def _group_header(group: TrajectoryGroup) -> dict:
     samples = group.samples
     return {

@@ -117,9 +117,9 @@ class ConsumerSide:
         wait_ms = self._int(header, "wait_ms", 0)
         if wait_ms > MAX_WAIT_MS:
             raise ProtocolError("bad_schema", f"field 'wait_ms' must be 0..{MAX_WAIT_MS}, got {wait_ms}")
-        packed = header.get("packed", False)
-        if not isinstance(packed, bool):
-            raise ProtocolError("bad_schema", f"field 'packed' must be a boolean, got {packed!r}")
+        packed, shm = header.get("packed", False), header.get("shm", False)
+        if not isinstance(packed, bool) or not isinstance(shm, bool):
+            raise ProtocolError("bad_schema", f"fields 'packed' and 'shm' must be booleans, got {packed!r} and {shm!r}")
         consumer = str(header.get("consumer", ""))[:128]
         instance = header.get("instance")
         if instance is not None and instance != self.instance:
@@ -128,15 +128,21 @@ class ConsumerSide:
                 f"this get was meant for queue instance {instance!r}, but this is {self.instance!r} (the queue "
                 "restarted): say hello again, with the version and the ids trained, before getting",
             )
+        acked = None
+        if park and "ack" in header:
+            # The previous step's lease, acknowledged in the same message (one round trip per step):
+            # settled first, and once, even if this get parks.
+            acked = self._ack({"lease": self._int(header, "ack")}, frames)[0]["acknowledged"]
         token = header.get("token")
         token = token if isinstance(token, str) and 0 < len(token) <= 64 else None
         for lease_id, lease in self._leases.items() if token else ():
             if lease.token == token and lease.consumer == consumer:
                 # A resend of a get whose reply was lost (Lazy Pirate): the same lease again, not
                 # a second one that nobody would acknowledge until it expired.
-                return {"ok": True, "groups": len(lease.group_ids), "lease": lease_id}, [
-                    f for gid in lease.group_ids for f in self._entries[gid].frames
-                ]
+                reply = {"ok": True, "groups": len(lease.group_ids), "lease": lease_id}
+                if acked is not None:
+                    reply["acknowledged"] = acked
+                return reply, self._payload(reply, [self._entries[gid] for gid in lease.group_ids], False, shm)
         self._learner_at(version)
         self._retire_steps()
         if "rank" in header or "world" in header:
@@ -149,16 +155,37 @@ class ConsumerSide:
                 ids = [heapq.heappop(self._ready)[2] for _ in range(want)]
                 lease_id, payload = self._lease(consumer, ids, version, token=token)
                 reply = {"ok": True, "groups": want, "lease": lease_id}
+        if acked is not None:
+            reply["acknowledged"] = acked
         if park and wait_ms and "ready" in reply and not self.closed:
+            header = {k: v for k, v in header.items() if k != "ack"}
+            if acked is not None:
+                header["acknowledged"] = acked  # told in the reply when the parked get is answered
             self._parked.append(Parked(self._identity, header, time.monotonic() + wait_ms / 1000))
             return None, []
-        entries = payload
+        return reply, self._payload(reply, payload, packed, shm)
+
+    def _payload(self, reply: dict, entries: list, packed: bool, shm: bool) -> list:
+        """The frames of a get reply: packed for small groups, an arena region instead of the arrays
+        for a consumer that reads the queue's shared-memory directory, else each group's frames."""
         if packed and entries and sum(e.nbytes for e in entries) < PACK_LIMIT * len(entries):
             headers, plens, payload = pack_arrays([e.header for e in entries], [e.arrays for e in entries])
             reply.update(packed=True, headers=headers, plens=plens)
-        else:
-            payload = [f for e in entries for f in e.frames]
-        return reply, payload
+            return payload
+        if shm and any(e.region is not None for e in entries):
+            refs, payload = [], []
+            for e in entries:
+                if e.region is None:
+                    refs.append(None)
+                    payload.extend(e.frames)
+                else:
+                    refs.append({"arena": e.region[0], "offset": e.region[1], "sizes": e.region[2]})
+                    payload.append(e.frames[0])
+            self.stats.shm_out += len(entries) - refs.count(None)
+            reply["shm"] = refs
+            return payload
+        # A send may outlive the lease (a slow consumer whose group went to another): arena groups are copied.
+        return [f for e in entries for f in e.stable_frames()]
 
     def _dispatch_get(self, header: dict) -> tuple[dict, list]:
         """A parked get, looked at again."""
@@ -169,6 +196,8 @@ class ConsumerSide:
             reply, payload = {"ok": False, "code": exc.code, "error": str(exc)}, []
         req = header.get("req")
         reply["req"] = req if isinstance(req, int) and not isinstance(req, bool) else None
+        if "acknowledged" in header and reply.get("ok"):
+            reply["acknowledged"] = header["acknowledged"]
         return reply, payload
 
     def _get_share(self, version: int, want: int, rank: int, world: int, consumer: str) -> tuple[dict, list]:

@@ -38,6 +38,7 @@ from asyncrl.queue.codec import (
     GROUP_FRAMES, PROTOCOL_VERSION, ProtocolError, pack, parse_groups, parse_packed, unpack_header,
 )
 from asyncrl.queue.consumers import ConsumerSide
+from asyncrl.queue.shm import ShmArea
 from asyncrl.queue.state import Entry, Lease, Parked, QueueObserver, QueueSettings, QueueStats, SettledIds, Step
 from asyncrl.security import may
 
@@ -62,6 +63,14 @@ class QueueServer(ConsumerSide):
         """Names this queue process: a client that sees it change knows the queue restarted with nothing
         it held (producers resend what is unsettled, the learner says again what it trained)."""
         self.last_request = time.monotonic()
+        self.shm: Optional[ShmArea] = None
+        """Where same-host producers keep large groups' arrays; None when settings.shm_dir is unset or unusable."""
+        if settings.shm_dir:
+            try:
+                self.shm = ShmArea(settings.shm_dir, self.instance, settings.max_message_bytes)
+            except OSError as exc:
+                log.warning("queue.shm_dir %s cannot be used (%s): every group's arrays travel in the messages",
+                            settings.shm_dir, exc)
         self._entries: dict[str, Entry] = {}
         self._ready: list[tuple[int, int, str]] = []  # (behaviour version, arrival, id): oldest first
         self._leases: dict[int, Lease] = {}
@@ -220,14 +229,18 @@ class QueueServer(ConsumerSide):
         s = self.settings
         role, name = header.get("role"), self._engine({"engine": header.get("name", "")})
         if role == "producer" and name:
-            # A (re)started producer holds no tickets: free what its predecessor of that name held.
+            # A (re)started producer holds no tickets: free what its predecessor of that name held,
+            # and it will make a new arena: the old one is not written again.
             self.admission.release(1 << 62, name, time.monotonic())
+            if self.shm is not None:
+                self.shm.retire_owner(name)
         elif role == "consumer" and name:
             self._consumer_started(name, header)
         return {
             "ok": True,
             "proto": PROTOCOL_VERSION,
             "instance": self.instance,
+            **({"shm": self.shm.offer()} if self.shm is not None else {}),
             "max_staleness": s.max_staleness,
             "groups_per_step": s.groups_per_step,
             "learner_version": self.learner_version,
@@ -269,10 +282,12 @@ class QueueServer(ConsumerSide):
         packed = header.get("packed", False)
         if not isinstance(packed, bool) or packed and not batched:
             raise ProtocolError("bad_schema", f"field 'packed' must be a boolean and needs 'groups', got {packed!r}")
-        if not packed and len(frames) != count * _PER_GROUP:
-            raise ProtocolError(
-                "bad_frames", f"put of {count} group(s) needs {count * _PER_GROUP} frames after the header, got {len(frames)}"
-            )
+        regions, arena = self._regions(header, count, packed, engine)
+        need = count * _PER_GROUP - GROUP_FRAMES * sum(r is not None for r in regions)
+        if not packed and len(frames) != need:
+            raise ProtocolError("bad_frames", f"put of {count} group(s) needs {need} frames after the header, got {len(frames)}")
+        if arena is not None:
+            frames = self._with_regions(frames, regions)
         # Checked before anything is accepted, so that a bad field refuses the whole put.
         ask = (self._int(header, "want"), self._int(header, "version")) if "want" in header else None
         now = time.monotonic()
@@ -291,12 +306,41 @@ class QueueServer(ConsumerSide):
             for _ in range(count):
                 self.admission.settle(accepted=False, ticketed=ticketed, engine=engine, now=now)
             raise
-        statuses = [self._accept(h, version, hframe, arrays, ticketed, engine, now) for h, version, hframe, arrays in groups]
+        statuses = [self._accept(h, version, hframe, arrays, ticketed, engine, now, (arena, region))
+                    for (h, version, hframe, arrays), region in zip(groups, regions)]
         reply = {"ok": True, "statuses": statuses, "accepted": statuses.count("accepted")} if batched else {"ok": True, "status": statuses[0]}
         reply["instance"] = self.instance
+        if arena is not None:
+            reply["freed"] = self.shm.take_freed(arena.name)
         if ask is not None:
             reply.update(self._grant(*ask, engine, now))
         return reply, []
+
+    def _regions(self, header: dict, count: int, packed: bool, engine: str) -> tuple[list, object]:
+        """The put's arena and each group's region in it (None: arrays inline); see shm.py."""
+        refs = header.get("shm")
+        if refs is None:
+            return [None] * count, None
+        if self.shm is None:
+            raise ProtocolError("bad_shm", "this queue offers no shared-memory arenas (queue.shm_dir is unset): send the arrays inline")
+        if packed or not isinstance(refs, list) or len(refs) != count:
+            raise ProtocolError("bad_shm", f"field 'shm' must be a list of {count} regions or nils, and not in a packed put")
+        arena = self.shm.arena(header.get("arena"), engine)
+        return [None if ref is None else self.shm.region(arena, ref) for ref in refs], arena
+
+    @staticmethod
+    def _with_regions(frames: list, regions: list) -> list:
+        """The put's frames with each arena group's four arrays put back after its header frame."""
+        out, at = [], 0
+        for region in regions:
+            if region is None:
+                out.extend(frames[at : at + _PER_GROUP])
+                at += _PER_GROUP
+            else:
+                out.append(frames[at])
+                out.extend(region[1])
+                at += 1
+        return out
 
     def _grant(self, want: int, version: int, engine: str, now: float) -> dict:
         """Tickets asked for in a put (`want`, `version`), so a producer needs no separate ticket request."""
@@ -306,26 +350,38 @@ class QueueServer(ConsumerSide):
         return {"granted": granted, "learner_version": self.learner_version, "closed": self.closed}
 
     def _accept(self, header: dict, behaviour_version: int, header_frame, arrays: list, ticketed: bool, engine: str,
-                now: float) -> str:
+                now: float, where: tuple = (None, None)) -> str:
         gid = header["id"]
+        arena, region = where
         if self._known(gid):
             self.stats.duplicates += 1
+            held = self._entries.get(gid)
+            if region is not None and not (held and held.region and held.region[:2] == (arena.name, region[0])):
+                self.shm.unused(arena.name, region[0])  # a resend of a put already held names the same region: keep it
             return "duplicate"
         # A packed group has no header frame yet; msgpack of its header is about the same size.
         nbytes = sum(len(a) for a in arrays) + (len(header_frame) if header_frame is not None else 64 + 16 * len(header["lens"]))
         if self._full(nbytes):
             self.stats.waits += 1
+            if region is not None:
+                self.shm.unused(arena.name, region[0])
             return "wait"
         self.admission.settle(accepted=True, ticketed=ticketed, engine=engine, now=now)
         entry = Entry(gid, header, list(arrays), nbytes, behaviour_version, header_frame)
+        if region is not None:
+            entry.region = (arena.name, region[0], [len(a) for a in arrays])
+            self.shm.hold(arena)
+            self.stats.shm_in += 1
         self._entries[gid] = entry
         self._bytes += nbytes
         heapq.heappush(self._ready, (entry.behaviour_version, next(self._arrival), gid))
         self.stats.accepted += 1
         self.stats.accepted_by_engine[engine] += 1
         self._grew = True
-        for obs in self.observers:
-            obs.on_accept(gid, entry.frames)
+        if self.observers:
+            frames = entry.stable_frames()
+            for obs in self.observers:
+                obs.on_accept(gid, frames)
         return "accepted"
 
     # -- settlement -------------------------------------------------------------------------
@@ -334,21 +390,30 @@ class QueueServer(ConsumerSide):
         """What became of each id: held, trained, dropped:<reason>, or unknown (a producer resends those)."""
         settled = self._settled
         outcomes = ["held" if gid in self._entries else settled.outcome(gid) or "unknown" for gid in self._ids(header, "ids")]
-        return {"ok": True, "instance": self.instance, "outcomes": outcomes}, []
+        reply = {"ok": True, "instance": self.instance, "outcomes": outcomes}
+        if self.shm is not None:
+            reply["shm"] = self.shm.offer()  # a producer that lost its arena (this queue restarted) learns the new place
+            if "arena" in header:
+                reply["freed"] = self.shm.take_freed(header["arena"])
+        return reply, []
 
     def _settle(self, gid: str, now: float, outcome: str) -> Entry:
         """Forget a group's frames and remember its id and outcome for the resend window."""
         entry = self._entries.pop(gid)
         self._bytes -= entry.nbytes
         self._settled.add(gid, now, outcome)
+        if entry.region is not None:
+            self.shm.release(entry.region[0], entry.region[1])
         return entry
 
     def _drop(self, gid: str, reason: str) -> None:
         entry = self._settle(gid, time.monotonic(), f"dropped:{reason}")
         self.stats.dropped[reason] += 1
         self.admission.unusable()
-        for obs in self.observers:
-            obs.on_drop(gid, reason, entry.frames)
+        if self.observers:
+            frames = entry.stable_frames()  # the region is free from here on
+            for obs in self.observers:
+                obs.on_drop(gid, reason, frames)
 
     def _close(self, header: dict, frames: list) -> tuple[dict, list]:
         self.closed = True
@@ -375,6 +440,8 @@ class QueueServer(ConsumerSide):
             "already_trained": s.already_trained,
             "redelivered": s.redelivered,
             "waits": s.waits,
+            "shm_in": s.shm_in,
+            "shm_out": s.shm_out,
             "dropped": dict(s.dropped),
             "accepted_by_engine": dict(s.accepted_by_engine),
             "rejected": dict(s.rejected),
@@ -404,3 +471,5 @@ class QueueServer(ConsumerSide):
     def close(self) -> None:
         self.drain("shutdown")
         self.socket.close(0)
+        if self.shm is not None:
+            self.shm.close()

@@ -29,6 +29,8 @@ class Entry:
     nbytes: int
     behaviour_version: int
     header_frame: Optional[bytes] = None
+    region: Optional[tuple[str, int, list]] = None
+    """(arena, offset, sizes) when the arrays are views on a producer's arena (see shm.py), else None."""
 
     @property
     def frames(self) -> list:
@@ -36,6 +38,12 @@ class Entry:
         if self.header_frame is None:
             self.header_frame = pack(self.header)
         return [self.header_frame, *self.arrays]
+
+    def stable_frames(self) -> list:
+        """The frames, copied out of the arena if they live in one: its region is written again once
+        the group settles, so whatever may outlive that (a send, an observer's buffer) gets a copy."""
+        frames = self.frames
+        return frames if self.region is None else [frames[0], *(bytes(a) for a in self.arrays)]
 
 
 @dataclass
@@ -88,6 +96,9 @@ class QueueSettings:
     """How long the id of a settled group is remembered; resends later than this are not detected."""
     max_batch_groups: int = 1024
     """Most groups in one put message."""
+    shm_dir: Optional[str] = None
+    """A shared-memory file system (/dev/shm) where same-host producers keep large groups' arrays
+    (shm.py); None: every group's arrays travel in the messages."""
 
 
 @dataclass
@@ -100,6 +111,10 @@ class QueueStats:
     """Groups a producer resent to a restarted queue that the learner reported trained: settled, not delivered."""
     redelivered: int = 0
     waits: int = 0
+    shm_in: int = 0
+    """Groups accepted whose arrays a producer wrote into its arena (not sent in the message)."""
+    shm_out: int = 0
+    """Groups delivered as an arena region (the learner read the arrays itself)."""
     dropped: Counter = field(default_factory=Counter)
     accepted_by_engine: Counter = field(default_factory=Counter)
     """Accepted groups per producer name: which engines are feeding the learner."""
