@@ -40,6 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from asyncrl.allocator import keep_freed_memory  # noqa: E402
 from asyncrl.ports import free_port  # noqa: E402
 from asyncrl.protocol import Sample, TrajectoryGroup, new_group_id  # noqa: E402
 from asyncrl.queue.codec import encode_group  # noqa: E402
@@ -68,9 +69,14 @@ class Payload:
             (rng.integers(0, 32000, length).astype(np.int32), -rng.random(length).astype(np.float32), np.zeros(length, np.int32))
             for _ in range(n)
         ]
+        self._versions: dict = {}
 
     def group(self, version: int = 0) -> TrajectoryGroup:
-        samples = [Sample(t, lp, v + version if version else v, 1.0, "stop") for t, lp, v in self.samples]
+        # The arrays are shared between groups (one versions array per version): building the payload
+        # is the engine's work, not the transport's, and the baselines send pre-built bytes.
+        if version not in self._versions:
+            self._versions = {version: [v + version for _, _, v in self.samples]}
+        samples = [Sample(t, lp, v, 1.0, "stop") for (t, lp, _), v in zip(self.samples, self._versions[version])]
         return TrajectoryGroup(new_group_id(), self.prompt, samples, task="bench", engine_id="bench",
                                timings={"sent": time.monotonic()})
 
@@ -80,21 +86,26 @@ class Payload:
 
 # -- asyncrl ----------------------------------------------------------------------------------
 
-def asyncrl_server(address: str, size: str, ready) -> None:
+def asyncrl_server(address: str, size: str, shm: bool, ready, stop) -> None:
+    keep_freed_memory()  # as every `asyncrl` command does (asyncrl/allocator.py)
     from asyncrl.queue.server import QueueServer, QueueSettings
 
     _, _, batch, *_ = SIZES[size]
     server = QueueServer(address, QueueSettings(max_staleness=2, groups_per_step=batch, capacity_groups=4096,
-                                                capacity_bytes=512 << 20, max_message_bytes=64 << 20))
+                                                capacity_bytes=512 << 20, max_message_bytes=64 << 20,
+                                                shm_dir="/dev/shm" if shm else None))
     ready.set()
-    server.serve(lambda: False, poll_ms=100)
+    server.serve(stop.is_set, poll_ms=100)
+    server.close()
 
 
-def asyncrl_producer(address: str, size: str, count: int, rate: float) -> None:
+def asyncrl_producer(address: str, size: str, shm: bool, count: int, rate: float) -> None:
+    keep_freed_memory()  # as every `asyncrl` command does (asyncrl/allocator.py)
     from asyncrl.queue.client import QueueProducer
 
     payload, batch = Payload(size), SIZES[size][2]
-    producer = QueueProducer(address, "bench-producer", timeout_s=30)
+    producer = QueueProducer(address, "bench-producer", timeout_s=30, shm=shm)
+    producer.hello("producer")
     sent, granted = 0, 0
     while sent < count:
         want = 1 if rate else min(batch, count - sent)
@@ -113,36 +124,42 @@ def asyncrl_producer(address: str, size: str, count: int, rate: float) -> None:
     producer.close()
 
 
-def asyncrl_consumer(address: str, size: str, count: int, rate: float, out) -> None:
+def asyncrl_consumer(address: str, size: str, shm: bool, count: int, rate: float, out) -> None:
+    keep_freed_memory()  # as every `asyncrl` command does (asyncrl/allocator.py)
     from asyncrl.queue.client import QueueConsumer
 
     per_step = SIZES[size][2]
     take = 1 if rate else per_step
-    consumer = QueueConsumer(address, "bench-consumer", vocab_size=32000, timeout_s=30)
-    latencies, got = [], 0
+    consumer = QueueConsumer(address, "bench-consumer", vocab_size=32000, timeout_s=30, shm=shm)
+    consumer.hello("consumer", 0)
+    latencies, got, done = [], 0, None
     while got < count:
         # A step trains groups_per_step groups, as the admission formula assumes, however many each get takes.
-        lease, groups, _ = consumer.try_get(got // per_step, min(take, count - got), wait_ms=1000)
+        # The previous step's lease is acknowledged in the get for the next one (one round trip per step).
+        lease, groups, _ = consumer.try_get(got // per_step, min(take, count - got), wait_ms=1000, ack=done)
+        done = None
         if not groups:
             continue
         now = time.monotonic()
         latencies.extend(now - g.timings["sent"] for g in groups)
-        consumer.ack(lease)
+        done = lease
         got += len(groups)
+    consumer.ack(done)
     out.put((time.monotonic(), latencies, consumer.stats()))
 
 
-def run_asyncrl(size: str, count: int, rate: float) -> dict:
+def run_asyncrl(size: str, count: int, rate: float, shm: bool = True) -> dict:
     address = free_address()
-    ready = CTX.Event()
-    server = CTX.Process(target=asyncrl_server, args=(address, size, ready), daemon=True)
+    ready, stop = CTX.Event(), CTX.Event()
+    server = CTX.Process(target=asyncrl_server, args=(address, size, shm, ready, stop), daemon=True)
     server.start()
     ready.wait(30)
-    result = _run_pair(asyncrl_producer, (address, size, count, rate), asyncrl_consumer, (address, size, count, rate))
-    server.kill()
-    server.join()
+    result = _run_pair(asyncrl_producer, (address, size, shm, count, rate), asyncrl_consumer, (address, size, shm, count, rate))
+    stop.set()
+    server.join(10)
     stats = result.pop("stats")
     assert stats["balanced"] and stats["acknowledged"] == count and not stats["dropped"], stats
+    result["shm_groups"] = stats["shm_out"]
     return result
 
 
@@ -335,7 +352,8 @@ def main() -> None:
     parser.add_argument("--transports", default="asyncrl,raw_zmq,mp_queue,redis_streams")
     args = parser.parse_args()
     binary = redis_server_binary()
-    transports = {"asyncrl": run_asyncrl, "raw_zmq": run_zmq, "mp_queue": run_mpq}
+    transports = {"asyncrl": run_asyncrl, "asyncrl_sockets": lambda *a: run_asyncrl(*a, shm=False),
+                  "raw_zmq": run_zmq, "mp_queue": run_mpq}
     if binary:
         transports["redis_streams"] = lambda size, count, rate: run_redis(size, count, rate, binary)
     else:
