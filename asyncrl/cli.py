@@ -173,6 +173,7 @@ def _serve_queue(cfg: Config, stop, linger_s: float = 0.0) -> None:
         seen_capacity=cfg.queue.seen_capacity,
         resend_window_s=cfg.queue.resend_window_s,
         max_batch_groups=cfg.queue.max_batch_groups,
+        shm_dir=cfg.queue.shm_dir,
     )
     from asyncrl.security import curve_for
 

@@ -233,6 +233,12 @@ class QueueConfig(Section):
     """How long a settled group's id is remembered; later resends are not recognised."""
     max_batch_groups: int = Field(1024, ge=1)
     """Most groups one put message may carry."""
+    shm_dir: Optional[str] = "/dev/shm"
+    """A shared-memory file system where the queue offers same-host producers an arena each: large groups' arrays are written there once and read by the learner, instead of crossing two sockets (docs/queue.md). null: every group travels in the messages."""
+    shm_min_bytes: int = Field(64 << 10, ge=0)
+    """Groups with at least this many array bytes go through the producer's arena (when the queue's shm_dir is visible to it)."""
+    arena_bytes: int = Field(128 << 20, ge=1 << 20)
+    """Size of each rollout server's arena; groups that find it full travel in the messages, so it bounds memory and never stalls."""
 
 
 class WeightsConfig(Section):

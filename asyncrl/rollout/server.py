@@ -51,7 +51,8 @@ class RolloutServer:
         self.engine = build_engine(cfg, tok)  # on version -1: version 0 must come from the learner
         self.params = SamplingParams.from_config(cfg.sampling)
         curve = curve_for(cfg.security, "rollout")
-        self.producer = QueueProducer(cfg.queue.address, self.engine_id, timeout_s=cfg.queue.request_timeout_s, curve=curve)
+        self.producer = QueueProducer(cfg.queue.address, self.engine_id, timeout_s=cfg.queue.request_timeout_s, curve=curve,
+                                      shm_min_bytes=cfg.queue.shm_min_bytes, arena_bytes=cfg.queue.arena_bytes)
         self.receiver = WeightReceiver(
             cfg.weights.address, self.engine_id, timeout_s=cfg.queue.request_timeout_s, transport=cfg.weights.transport,
             curve=curve,
