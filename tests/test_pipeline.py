@@ -101,3 +101,24 @@ def test_separate_learner_and_rollout_processes_train_together(tmp_path):
     records = read_records(tmp_path)
     assert len(records) == 30
     assert max(r["staleness_max"] for r in records) <= 1
+
+
+def test_groups_travel_through_rollout_arenas_and_each_is_trained_once(tmp_path):
+    """queue.shm_min_bytes=0 sends every group through its rollout server's arena in the queue's
+    shared-memory directory (docs/queue.md): two real rollout processes write, the learner reads."""
+    out = tmp_path / "arenas"
+    shm_base = tmp_path / "shm"
+    shm_base.mkdir()
+    result = run_cli(
+        "run", "configs/quickstart.yaml", "--out", str(out), "learner.steps=40", "rollout.num_servers=2",
+        "queue.shm_min_bytes=0", f"queue.shm_dir={shm_base}", *port_overrides(), timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_records(out)
+    assert len(records) == 40
+    last = records[-1]
+    trained = [gid for line in (out / "trained_groups.jsonl").read_text().splitlines() for gid in json.loads(line)["group_ids"]]
+    assert len(trained) == len(set(trained)) == 40 * 8
+    assert last["queue/shm_in"] >= len(trained) and last["queue/shm_out"] >= len(trained)
+    assert last["queue/balanced"] == 1.0
+    assert list(shm_base.iterdir()) == []  # the queue removed its directory at exit

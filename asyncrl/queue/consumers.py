@@ -166,12 +166,8 @@ class ConsumerSide:
         return reply, self._payload(reply, payload, packed, shm)
 
     def _payload(self, reply: dict, entries: list, packed: bool, shm: bool) -> list:
-        """The frames of a get reply: packed for small groups, an arena region instead of the arrays
-        for a consumer that reads the queue's shared-memory directory, else each group's frames."""
-        if packed and entries and sum(e.nbytes for e in entries) < PACK_LIMIT * len(entries):
-            headers, plens, payload = pack_arrays([e.header for e in entries], [e.arrays for e in entries])
-            reply.update(packed=True, headers=headers, plens=plens)
-            return payload
+        """The frames of a get reply: an arena region instead of the arrays for a consumer that reads
+        the queue's shared-memory directory, packed for small groups, else each group's frames."""
         if shm and any(e.region is not None for e in entries):
             refs, payload = [], []
             for e in entries:
@@ -183,6 +179,10 @@ class ConsumerSide:
                     payload.append(e.frames[0])
             self.stats.shm_out += len(entries) - refs.count(None)
             reply["shm"] = refs
+            return payload
+        if packed and entries and sum(e.nbytes for e in entries) < PACK_LIMIT * len(entries):
+            headers, plens, payload = pack_arrays([e.header for e in entries], [e.arrays for e in entries])
+            reply.update(packed=True, headers=headers, plens=plens)
             return payload
         # A send may outlive the lease (a slow consumer whose group went to another): arena groups are copied.
         return [f for e in entries for f in e.stable_frames()]
