@@ -71,6 +71,7 @@ class QueueProducer(Client):
         super()._new_instance(instance)
 
     def hello(self, role: str = "producer", version: Optional[int] = None, trained: Optional[list[str]] = None) -> dict:
+        self._drop_arena()  # the queue stops taking a producer's arena at its hello: the next put makes a new one
         reply = super().hello(role, version, trained)
         self._use_offer(reply.get("shm"))
         return reply
@@ -78,9 +79,9 @@ class QueueProducer(Client):
     # -- the arena (shm.py) ------------------------------------------------------------------
 
     def _use_offer(self, offer) -> None:
-        """Follow the queue's shared-memory offer: a new queue (or a first hello) means a new arena."""
+        """Follow the queue's shared-memory offer (hello, or status after the arena was dropped)."""
         directory = reachable(offer) if self.shm and self._shm_failures < 3 else None
-        if directory != self._shm_dir or directory is None:
+        if directory != self._shm_dir:
             self._drop_arena()
         self._shm_dir = directory
 
