@@ -1,6 +1,7 @@
 """docs/protocol.md is the specification: a client built from it alone, with plain msgpack, struct and
 raw bytes (no asyncrl client or codec), drives a real queue server through put, get, ack and errors."""
 
+import os
 import struct
 import uuid
 
@@ -208,3 +209,38 @@ def test_get_with_wait_ms_is_answered_when_the_batch_is_ready(hand):
 def test_get_with_wait_ms_answers_empty_when_the_wait_is_over(hand):
     reply, out = hand.call("get", version=0, groups=1, wait_ms=100)
     assert (reply["groups"], out) == (0, [])
+
+
+def test_put_and_get_through_an_arena_as_documented(queue_server, tmp_path):
+    """A producer on the queue's host writes the four arrays into its own file in the queue's directory
+    and puts the header frame and the region only; a consumer asking for regions reads them from there."""
+    server = queue_server(vocab_size=32, shm_dir=str(tmp_path))
+    hand = HandClient(server.address)
+    try:
+        offer = hand.call("hello", role="producer", name="hand")[0]["shm"]
+        with open(os.path.join(offer["dir"], "token")) as f:
+            assert f.read() == offer["token"]  # same host: this client may use arenas
+        gid, frames = group_frames(lens=(3, 2))
+        arena = os.path.join(offer["dir"], "arena-hand.bin")
+        with open(arena, "wb") as f:
+            f.write(bytes(4096))
+            f.seek(128)
+            f.write(b"".join(frames[1:]))
+        region = {"offset": 128, "sizes": [len(a) for a in frames[1:]]}
+        reply, _ = hand.call("put", frames[:1], ticketed=False, engine="hand", arena="arena-hand.bin", shm=[region])
+        assert (reply["status"], reply["freed"]) == ("accepted", [])
+
+        reply, out = hand.call("get", version=0, groups=1, consumer="hand", shm=True)
+        assert reply["groups"] == 1 and reply["shm"] == [{"arena": "arena-hand.bin", **region}]
+        assert len(out) == 1 and msgpack.unpackb(out[0])["id"] == gid  # the header frame only
+        with open(os.path.join(offer["dir"], reply["shm"][0]["arena"]), "rb") as f:
+            f.seek(reply["shm"][0]["offset"])
+            assert [f.read(n) for n in reply["shm"][0]["sizes"]] == frames[1:]
+        assert hand.call("ack", lease=reply["lease"])[0]["acknowledged"] == 1
+
+        reply, _ = hand.call("status", ids=[gid], arena="arena-hand.bin")
+        assert (reply["outcomes"], reply["freed"]) == (["trained"], [128])  # the region may be written again
+        stats = hand.call("stats")[0]["stats"]
+        assert (stats["shm_in"], stats["shm_out"], stats["balanced"]) == (1, 1, True)
+    finally:
+        hand.close()
