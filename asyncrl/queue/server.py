@@ -228,12 +228,11 @@ class QueueServer(ConsumerSide):
     def _hello(self, header: dict, frames: list) -> tuple[dict, list]:
         s = self.settings
         role, name = header.get("role"), self._engine({"engine": header.get("name", "")})
+        if role != "consumer" and name and self.shm is not None:
+            self.shm.retire_owner(name)  # a client makes a new arena after each hello: the old one is not written again
         if role == "producer" and name:
-            # A (re)started producer holds no tickets: free what its predecessor of that name held,
-            # and it will make a new arena: the old one is not written again.
+            # A (re)started producer holds no tickets: free what its predecessor of that name held.
             self.admission.release(1 << 62, name, time.monotonic())
-            if self.shm is not None:
-                self.shm.retire_owner(name)
         elif role == "consumer" and name:
             self._consumer_started(name, header)
         return {

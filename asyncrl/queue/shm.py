@@ -52,9 +52,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def clean_stale(base: str) -> int:
-    """Remove directories left by queues that died without cleaning up; returns how many."""
-    removed = 0
+    """Remove directories left by queues that died without cleaning up; returns how many. Only those
+    made in this PID namespace: where /dev/shm is shared between containers, a pid that is dead here
+    may be alive there."""
+    removed, namespace = 0, _pid_namespace()
     try:
         names = os.listdir(base)
     except OSError:
@@ -63,22 +72,36 @@ def clean_stale(base: str) -> int:
         if not name.startswith(_DIR_PREFIX):
             continue
         pid = name[len(_DIR_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        try:
+            with open(os.path.join(base, name, "namespace")) as f:
+                same = f.read() == namespace
+        except OSError:
+            same = False
+        if same and pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(os.path.join(base, name), ignore_errors=True)
             removed += 1
     return removed
 
 
-def _map(path: str, writable: bool) -> tuple[mmap.mmap, int]:
-    fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW)
+def _map(path: str) -> tuple[mmap.mmap, int, int]:
+    """A read-only mapping of a whole file, its size and its open descriptor (to see it shrink)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
             raise ProtocolError("bad_shm", f"{os.path.basename(path)} is not a non-empty regular file")
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        return mmap.mmap(fd, info.st_size, flags=mmap.MAP_SHARED, prot=prot), info.st_size
-    finally:
+        return mmap.mmap(fd, info.st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ), info.st_size, fd
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def _check_inside(fd: int, size: int, offset: int, sizes: list[int], name: str) -> None:
+    """The region lies in the mapping and in the file as it is now: reading past the end of a file
+    that shrank since it was mapped would kill the process (SIGBUS) instead of refusing the request."""
+    end = offset + sum(sizes)
+    if end > min(size, os.fstat(fd).st_size):
+        raise ProtocolError("bad_shm", f"region [{offset}, {end}) is outside arena {name!r} of {size} bytes")
 
 
 def region_sizes(ref, size_limit: int) -> tuple[int, list[int]]:
@@ -107,11 +130,12 @@ def split(view: memoryview, offset: int, sizes: list[int]) -> list[memoryview]:
 class Arena:
     """A producer's arena as the queue sees it: a read-only mapping and the regions held in it."""
 
-    def __init__(self, name: str, owner: str, view: memoryview, size: int):
+    def __init__(self, name: str, owner: str, view: memoryview, size: int, fd: int):
         self.name = name
         self.owner = owner
         self.view = view
         self.size = size
+        self.fd = fd
         self.held = 0
         """Regions of groups the queue holds (the mapping stays while any is held)."""
         self.freed: list[int] = []
@@ -129,8 +153,9 @@ class ShmArea:
         self.path = os.path.join(base, f"{_DIR_PREFIX}{os.getpid()}-{instance}")
         os.mkdir(self.path, 0o700)
         self.token = secrets.token_hex(16)
-        with open(os.open(os.path.join(self.path, "token"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), "w") as f:
-            f.write(self.token)
+        for name, text in (("token", self.token), ("namespace", _pid_namespace())):
+            with open(os.open(os.path.join(self.path, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600), "w") as f:
+                f.write(text)
         self.max_region = max_region
         self.arenas: dict[str, Arena] = {}
 
@@ -148,19 +173,18 @@ class ShmArea:
                                     "a producer makes a new arena after each hello")
             return found
         try:
-            mapping, size = _map(os.path.join(self.path, name), writable=False)
+            mapping, size, fd = _map(os.path.join(self.path, name))
         except FileNotFoundError:
             raise ProtocolError("bad_shm", f"no arena {name!r} in {self.path}: create it there (see the queue's hello) "
                                 "or send the arrays inline") from None
         except OSError as exc:
             raise ProtocolError("bad_shm", f"arena {name!r} cannot be mapped: {exc}") from None
-        arena = self.arenas[name] = Arena(name, owner, memoryview(mapping), size)
+        arena = self.arenas[name] = Arena(name, owner, memoryview(mapping), size, fd)
         return arena
 
     def region(self, arena: Arena, ref) -> tuple[int, list[memoryview]]:
         offset, sizes = region_sizes(ref, self.max_region)
-        if offset + sum(sizes) > arena.size:
-            raise ProtocolError("bad_shm", f"region [{offset}, {offset + sum(sizes)}) is outside arena {arena.name!r} of {arena.size} bytes")
+        _check_inside(arena.fd, arena.size, offset, sizes, arena.name)
         return offset, split(arena.view, offset, sizes)
 
     def hold(self, arena: Arena) -> None:
@@ -200,6 +224,7 @@ class ShmArea:
     def _close_if_unused(self, arena: Arena) -> None:
         if arena.held <= 0 and self.arenas.get(arena.name) is arena:
             del self.arenas[arena.name]
+            os.close(arena.fd)
             try:
                 os.unlink(os.path.join(self.path, arena.name))
             except OSError:
@@ -207,6 +232,8 @@ class ShmArea:
             # Views still referenced (an entry's frames on their way out) keep the pages until they go.
 
     def close(self) -> None:
+        for arena in self.arenas.values():
+            os.close(arena.fd)
         self.arenas.clear()
         shutil.rmtree(self.path, ignore_errors=True)
 
@@ -308,7 +335,7 @@ class ArenaReader:
     def __init__(self, directory: str, keep: int = 64):
         self.directory = directory
         self.keep = keep
-        self._maps: dict[str, tuple[memoryview, int]] = {}
+        self._maps: dict[str, tuple[memoryview, int, int]] = {}
 
     def frames(self, ref, size_limit: int = 1 << 62) -> list:
         """A copy of one group's four arrays, as frames for the decoder (the region is reused once acknowledged)."""
@@ -318,13 +345,12 @@ class ArenaReader:
         offset, sizes = region_sizes(ref, size_limit)
         found = self._maps.pop(name, None)
         if found is None:
-            mapping, size = _map(os.path.join(self.directory, name), writable=False)
-            found = (memoryview(mapping), size)
+            mapping, size, fd = _map(os.path.join(self.directory, name))
+            found = (memoryview(mapping), size, fd)
             if len(self._maps) >= self.keep:
-                self._maps.pop(next(iter(self._maps)))
+                os.close(self._maps.pop(next(iter(self._maps)))[2])
         self._maps[name] = found
-        view, size = found
-        if offset + sum(sizes) > size:
-            raise ProtocolError("bad_shm", f"region [{offset}, {offset + sum(sizes)}) is outside arena {name!r} of {size} bytes")
+        view, size, fd = found
+        _check_inside(fd, size, offset, sizes, name)
         copy = bytearray(view[offset : offset + sum(sizes)])
         return split(memoryview(copy), 0, sizes)

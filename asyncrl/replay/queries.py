@@ -162,9 +162,10 @@ def feed(store: ReplayStore, run: str, summaries: list[dict], producer, versions
     if versions not in ("rebase", "keep"):
         raise ValueError(f"versions={versions!r}: use 'rebase' or 'keep'")
     result = FeedResult()
+    producer.hello("producer")  # once: each hello starts a new arena for large groups
     for summary in summaries:
         group, _, _ = store.load_group(run, summary["id"])
-        learner_version = int(producer.hello("replay-feed")["learner_version"])
+        learner_version = int(producer.stats()["learner_version"])
         if versions == "rebase":
             rebase_versions(group, learner_version)
         elif max(int(s.versions.max()) for s in group.samples) > learner_version:
