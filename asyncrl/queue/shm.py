@@ -312,11 +312,10 @@ class ProducerArena:
         if offset is None:
             return None
         at = offset
-        for dtype, arrays in parts:
-            for a in arrays:
-                n = dtype.itemsize * len(a)
-                np.frombuffer(self.view[at : at + n], dtype=dtype)[...] = a
-                at += n
+        for (dtype, arrays), n in zip(parts, sizes):
+            # One concatenate per frame, straight into the region: no intermediate buffer.
+            np.concatenate(arrays, out=np.frombuffer(self.view[at : at + n], dtype=dtype), casting="unsafe")
+            at += n
         return {"offset": offset, "sizes": sizes}
 
     def close(self, unlink: bool = True) -> None:
