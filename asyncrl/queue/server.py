@@ -2,7 +2,9 @@
 
 Owns every accepted group from the moment it is acknowledged to its producer until the learner
 acknowledges the step that trained on it (contract 4), the admission tickets (contract 2) and the
-memory bound (contract 7). Groups are kept as the frames they arrived in and sent on unchanged.
+memory bound (contract 7). Groups are kept as the frames they arrived in and sent on unchanged,
+or, for a same-host producer's large groups, as regions of its arena that a same-host learner
+reads itself (shm.py).
 Every request is validated; a bad one gets an error reply and a counter, and the loop goes on.
 The wire protocol is specified in docs/protocol.md; change the two together.
 
