@@ -90,6 +90,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kill-every", type=float, nargs=2, default=(8.0, 20.0), metavar=("MIN_S", "MAX_S"))
     parser.add_argument("--learner-share", type=float, default=0.3, help="Share of kills that hit the learner.")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="A config override for the run, e.g. queue.shm_min_bytes=0 (repeatable).")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     out = Path(args.out or tempfile.mkdtemp(prefix="asyncrl-soak-"))
@@ -99,6 +101,7 @@ def main() -> int:
         "run.max_restarts=1000", "run.restart_backoff_s=0.5", "run.restart_backoff_max_s=2", "run.min_uptime_s=0",
         "queue.lease_s=60", "queue.request_timeout_s=5",
         f"queue.address=tcp://127.0.0.1:{free_port()}", f"weights.address=tcp://127.0.0.1:{free_port()}",
+        *args.overrides,
     ]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
