@@ -16,10 +16,10 @@ from test_codec import make_group
 
 
 class Served:
-    """A QueueServer on `address`, answered by a thread until stopped (then it is gone, like a killed process)."""
+    """A QueueServer on `address`, answered by a thread until stopped."""
 
-    def __init__(self, address: str):
-        settings = QueueSettings(max_staleness=4, groups_per_step=2, vocab_size=32)
+    def __init__(self, address: str, **settings):
+        settings = QueueSettings(**{"max_staleness": 4, "groups_per_step": 2, "vocab_size": 32, **settings})
         for _ in range(100):  # ZeroMQ frees a closed socket's port in its I/O thread, a moment later
             try:
                 self.server = QueueServer(address, settings)
@@ -32,10 +32,23 @@ class Served:
         self._thread = threading.Thread(target=self.server.serve, args=(self._stop.is_set, 10), daemon=True)
         self._thread.start()
 
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def stats(self) -> dict:
+        return self.server.snapshot()
+
     def kill(self) -> None:
+        """Gone like a killed process: no drain, and its directory stays behind."""
         self._stop.set()
         self._thread.join(timeout=2)
-        self.server.socket.close(0)  # without drain: whatever it held is gone
+        self.server.socket.close(0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.server.close()
 
 
 def test_a_restarted_queue_gets_every_unsettled_group_again_and_delivers_none_twice():

@@ -15,15 +15,14 @@ import time
 
 import numpy as np
 import pytest
-import zmq
 
 from asyncrl.protocol import Sample, TrajectoryGroup, new_group_id
 from asyncrl.queue.client import QueueConsumer, QueueProducer
 from asyncrl.queue.codec import encode_group
-from asyncrl.queue.server import QueueServer, QueueSettings
 from conftest import loopback
 from test_codec import make_group
 from test_protocol import HandClient
+from test_queue_restart import Served
 
 VOCAB = 50_000
 SAMPLES, TOKENS, PROMPT = 8, 3000, 16
@@ -60,49 +59,14 @@ def assert_same_groups(received: list[TrajectoryGroup], sent: list[TrajectoryGro
         assert wire(by_id[group.group_id]) == wire(group)
 
 
-class Served:
-    """A QueueServer on `address`, answered by a thread until stopped."""
-
-    def __init__(self, address: str, **settings):
-        settings = QueueSettings(**{"max_staleness": 1, "groups_per_step": 2, "vocab_size": VOCAB, **settings})
-        for _ in range(100):  # ZeroMQ frees a closed socket's port in its I/O thread, a moment later
-            try:
-                self.server = QueueServer(address, settings)
-                break
-            except zmq.ZMQError:
-                time.sleep(0.02)
-        else:
-            raise RuntimeError(f"{address} stayed in use")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self.server.serve, args=(self._stop.is_set, 10), daemon=True)
-        self._thread.start()
-
-    @property
-    def address(self) -> str:
-        return self.server.address
-
-    def stats(self) -> dict:
-        return self.server.snapshot()
-
-    def kill(self) -> None:
-        """Gone like a killed process: no drain, and its directory stays behind."""
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.server.socket.close(0)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.server.close()
-
-
 @pytest.fixture
 def queue(tmp_path):
     """Starts queues whose arenas live under tmp_path (unless shm_dir is given); closes them after the test."""
     started: list[Served] = []
 
     def start(address: str = "", **settings) -> Served:
-        served = Served(address or loopback(), **{"shm_dir": str(tmp_path), **settings})
+        defaults = {"max_staleness": 1, "vocab_size": VOCAB, "shm_dir": str(tmp_path)}
+        served = Served(address or loopback(), **{**defaults, **settings})
         started.append(served)
         return served
 
