@@ -171,6 +171,27 @@ def test_a_put_reply_tells_the_producer_which_regions_are_free(queue, clients):
     assert_same_groups(batch, [later])
 
 
+def test_regions_whose_freed_list_was_lost_are_told_free_again_and_held_ones_are_not(queue, clients):
+    served = queue()
+    producer, consumer = clients.producer(served, arena_bytes=3 * REGION), clients.consumer(served)
+    first = [large_group(0), large_group(1)]
+    producer.put_many(first, ticketed=False)
+    lease, _, _ = consumer.try_get(0, 1)
+    consumer.ack(lease)
+    # The reply that would have carried the freed region is lost (as when a timed-out request is resent).
+    assert len(served.server.shm.take_freed(producer.arena.name)) == 1
+    held = large_group(2)
+    producer.put(held, ticketed=False)
+    assert producer.arena.in_use == 3 * REGION
+    producer.reconcile(force=True)  # the status names what the producer thinks is held
+    assert producer.arena.in_use == 2 * REGION  # the lost one is back; the two held ones are not
+    lease, batch, _ = consumer.try_get(0, 2)
+    assert_same_groups(batch, [first[1], held])
+    consumer.ack(lease)
+    producer.reconcile(force=True)
+    assert producer.arena.in_use == 0
+
+
 def test_a_duplicate_put_gives_its_region_back_at_once_and_the_held_one_stays(queue, clients):
     served = queue()
     producer, consumer = clients.producer(served), clients.consumer(served)

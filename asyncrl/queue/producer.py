@@ -56,6 +56,8 @@ class QueueProducer(Client):
         """Regions never reused: their put failed after a resend, so the queue may have taken one copy."""
         self._shm_dir: Optional[str] = None
         self._shm_failures = 0
+        self._held_regions: set[int] = set()
+        """Offsets of arena regions the queue said it holds (accepted puts), until it frees them."""
         self.unsettled: dict[str, TrajectoryGroup] = {}
         """Accepted groups not yet settled, oldest first: what a restarted queue would be sent again."""
         self.outcomes: Counter = Counter()
@@ -91,6 +93,7 @@ class QueueProducer(Client):
         if self.arena is not None:
             self.arena.close(unlink=False)
             self.arena = None
+            self._held_regions.clear()
 
     def _encode(self, group: TrajectoryGroup) -> tuple[list, Optional[dict]]:
         """(frames, region): a large group's arrays go into the arena when the queue's directory is here."""
@@ -132,6 +135,11 @@ class QueueProducer(Client):
             self._restarted = True  # the next reconcile asks at once, and hears the queue's offer
             return None
         self._shm_failures = 0
+        if used:
+            freed = set(reply.get("freed", ()))
+            statuses = reply["statuses"] if "statuses" in reply else [reply.get("status")]
+            self._held_regions.update(ref["offset"] for ref, status in zip(refs, statuses)
+                                      if ref is not None and status in ("accepted", "duplicate") and ref["offset"] not in freed)
         self._freed(reply)
         return reply
 
@@ -139,6 +147,7 @@ class QueueProducer(Client):
         if self.arena is not None:
             for offset in reply.get("freed", ()):
                 self.arena.free(offset)
+                self._held_regions.discard(offset)
 
     def _hold(self, group: TrajectoryGroup, status: str) -> None:
         if self._keep and status in ("accepted", "duplicate"):
@@ -157,7 +166,11 @@ class QueueProducer(Client):
         for start in range(0, len(ids), MAX_STATUS_IDS):
             chunk = ids[start : start + MAX_STATUS_IDS]
             try:
-                reply, _ = self.request("status", {"ids": chunk, **({"arena": self.arena.name} if self.arena else {})})
+                fields = {"ids": chunk}
+                if self.arena is not None:
+                    # What it believes the queue holds: any the queue does not is told free again.
+                    fields.update(arena=self.arena.name, regions=sorted(self._held_regions)[: 1 << 16])
+                reply, _ = self.request("status", fields)
             except QueueRequestError as exc:
                 if exc.code != "bad_op":
                     raise

@@ -371,7 +371,7 @@ class QueueServer(ConsumerSide):
         entry = Entry(gid, header, list(arrays), nbytes, behaviour_version, header_frame)
         if region is not None:
             entry.region = (arena.name, region[0], [len(a) for a in arrays])
-            self.shm.hold(arena)
+            self.shm.hold(arena, region[0])
             self.stats.shm_in += 1
         self._entries[gid] = entry
         self._bytes += nbytes
@@ -395,7 +395,7 @@ class QueueServer(ConsumerSide):
         if self.shm is not None:
             reply["shm"] = self.shm.offer()  # a producer that lost its arena (this queue restarted) learns the new place
             if "arena" in header:
-                reply["freed"] = self.shm.take_freed(header["arena"])
+                reply["freed"] = self.shm.take_freed(header["arena"], header.get("regions"))
         return reply, []
 
     def _settle(self, gid: str, now: float, outcome: str) -> Entry:

@@ -136,8 +136,8 @@ class Arena:
         self.view = view
         self.size = size
         self.fd = fd
-        self.held = 0
-        """Regions of groups the queue holds (the mapping stays while any is held)."""
+        self.held: set[int] = set()
+        """Offsets of the regions of groups the queue holds (the mapping stays while any is held)."""
         self.freed: list[int] = []
         """Offsets of regions the queue no longer reads, not yet told to the producer."""
         self.retired = False
@@ -187,15 +187,15 @@ class ShmArea:
         _check_inside(arena.fd, arena.size, offset, sizes, arena.name)
         return offset, split(arena.view, offset, sizes)
 
-    def hold(self, arena: Arena) -> None:
-        arena.held += 1
+    def hold(self, arena: Arena, offset: int) -> None:
+        arena.held.add(offset)
 
     def release(self, name: str, offset: int) -> None:
         """A held group settled: its region may be written again once the producer hears of it."""
         arena = self.arenas.get(name)
         if arena is None:
             return
-        arena.held -= 1
+        arena.held.discard(offset)
         if arena.retired:
             self._close_if_unused(arena)
         else:
@@ -207,11 +207,19 @@ class ShmArea:
         if arena is not None and not arena.retired:
             arena.freed.append(offset)
 
-    def take_freed(self, name) -> list[int]:
+    def take_freed(self, name, regions=None) -> list[int]:
+        """Offsets the producer may write again, told once. `regions`: offsets the producer believes
+        the queue holds (sent in status requests); those the queue does not hold are told again, so
+        a `freed` list lost with its reply (a resent request) does not shrink the arena for good."""
         arena = self.arenas.get(name) if isinstance(name, str) else None
-        if arena is None or not arena.freed:
+        if arena is None or arena.retired:
             return []
         freed, arena.freed = arena.freed, []
+        if regions is not None:
+            if not isinstance(regions, list) or len(regions) > 1 << 16 or not all(type(o) is int for o in regions):
+                raise ProtocolError("bad_shm", "field 'regions' must be a list of at most 65,536 integer offsets")
+            told = set(freed)
+            freed.extend(o for o in regions if o not in arena.held and o not in told)
         return freed
 
     def retire_owner(self, owner: str) -> None:
@@ -222,7 +230,7 @@ class ShmArea:
             self._close_if_unused(arena)
 
     def _close_if_unused(self, arena: Arena) -> None:
-        if arena.held <= 0 and self.arenas.get(arena.name) is arena:
+        if not arena.held and self.arenas.get(arena.name) is arena:
             del self.arenas[arena.name]
             os.close(arena.fd)
             try:
