@@ -39,7 +39,6 @@ log = logging.getLogger("asyncrl.queue")
 _DIR_PREFIX = "asyncrl-queue-"
 _ARENA_NAME = re.compile(r"arena-[A-Za-z0-9_-]{1,100}\.bin")
 _ALIGN = 64
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -211,13 +210,14 @@ class ShmArea:
         """Offsets the producer may write again, told once. `regions`: offsets the producer believes
         the queue holds (sent in status requests); those the queue does not hold are told again, so
         a `freed` list lost with its reply (a resent request) does not shrink the arena for good."""
+        if regions is not None and (not isinstance(regions, list) or len(regions) > 1 << 16
+                                    or not all(type(o) is int for o in regions)):
+            raise ProtocolError("bad_shm", "field 'regions' must be a list of at most 65,536 integer offsets")
         arena = self.arenas.get(name) if isinstance(name, str) else None
         if arena is None or arena.retired:
             return []
         freed, arena.freed = arena.freed, []
         if regions is not None:
-            if not isinstance(regions, list) or len(regions) > 1 << 16 or not all(type(o) is int for o in regions):
-                raise ProtocolError("bad_shm", "field 'regions' must be a list of at most 65,536 integer offsets")
             told = set(freed)
             freed.extend(o for o in regions if o not in arena.held and o not in told)
         return freed
