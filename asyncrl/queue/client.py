@@ -51,8 +51,18 @@ class QueueConsumer(Client):
         reply = super().hello(role, version, trained)
         directory = reachable(reply.get("shm")) if self.shm else None
         if directory is None or self._reader is None or self._reader.directory != directory:
+            self._close_reader()
             self._reader = ArenaReader(directory) if directory else None
         return reply
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def close(self) -> None:
+        self._close_reader()
+        super().close()
 
     def set_version(self, version: int) -> None:
         self.request("version", {"version": version})
@@ -97,7 +107,7 @@ class QueueConsumer(Client):
             except (ProtocolError, OSError) as exc:
                 # Asking again with the same token gets the same lease, now with the arrays in the message.
                 log.warning("%s: cannot read the arena regions of a batch (%s); reading from messages from now on", self.name, exc)
-                self._reader = None
+                self._close_reader()
                 reply, frames = self.request("get", {**fields, "shm": False})
                 buffers = [f.buffer for f in frames]
         if reply.get("packed"):

@@ -361,3 +361,8 @@ class ArenaReader:
         _check_inside(fd, size, offset, sizes, name)
         copy = bytearray(view[offset : offset + sum(sizes)])
         return split(memoryview(copy), 0, sizes)
+
+    def close(self) -> None:
+        for _, _, fd in self._maps.values():
+            os.close(fd)
+        self._maps.clear()
