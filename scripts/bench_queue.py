@@ -11,8 +11,10 @@ loopback: small groups (~1 KiB) and large groups (~1 MiB). Two phases per transp
 asyncrl runs its full path: a QueueServer process, a producer taking admission tickets (in the
 replies to its puts) and sending batched puts (packed into 5 frames for small groups), and a
 consumer that long-polls for a step's batch (the server answers when it is ready), decodes it
-(headers and sizes checked; the arrays were validated by the server), acknowledges it and moves its
-version on. Raw ZeroMQ is PUSH/PULL of the very
+(headers and sizes checked; the arrays were validated by the server), acknowledges it in its next
+get and moves its version on. Large groups go through the producer's arena in the queue's
+/dev/shm directory, as on one host; `asyncrl_sockets` is the same with arenas off, as between
+hosts. Every transport's processes keep freed memory as `asyncrl` does (asyncrl/allocator.py). Raw ZeroMQ is PUSH/PULL of the very
 frames encode_group produces (the ceiling); Redis Streams is XADD/XREADGROUP/XACK on a real
 redis-server (pipelined in the same batch size asyncrl uses for small groups); multiprocessing.Queue
 pickles the TrajectoryGroup objects.
