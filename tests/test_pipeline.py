@@ -62,7 +62,10 @@ def test_a_child_that_dies_stops_the_run_and_is_named(tmp_path):
 def test_ctrl_c_stops_every_child(tmp_path):
     out = tmp_path / "int"
     cmd = [sys.executable, "-m", "asyncrl.cli", "run", "configs/quickstart.yaml", "--out", str(out), "learner.steps=100000", *port_overrides()]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As from a terminal: a test runner started in the background (`cmd &` without job control) has
+    # SIGINT ignored, and a child would inherit that and never see the Ctrl-C.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 90
     while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
         assert time.monotonic() < deadline, "run never started training"
