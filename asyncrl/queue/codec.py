@@ -72,6 +72,12 @@ def encode_group(group: TrajectoryGroup) -> list:
     ]
 
 
+def array_bytes(group: TrajectoryGroup) -> int:
+    """Bytes of a group's 4 array frames (every sample has as many log-probs and versions as tokens)."""
+    tokens = sum(len(s.tokens) for s in group.samples)
+    return _TOKENS.itemsize * len(group.prompt_tokens) + (2 * _TOKENS.itemsize + _FLOATS.itemsize) * tokens
+
+
 def group_parts(group: TrajectoryGroup) -> tuple[dict, list[tuple[np.dtype, list]]]:
     """A group's header and, for each of its 4 array frames, the dtype and the arrays laid end to end
     in it: for writers that place the frames themselves (a producer's arena, see shm.py)."""

@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Optional
 
 from asyncrl.protocol import TrajectoryGroup
-from asyncrl.queue.codec import encode_group, encode_packed, group_parts, pack
+from asyncrl.queue.codec import array_bytes, encode_group, encode_packed, group_parts, pack
 from asyncrl.queue.requests import Client, QueueRequestError
 from asyncrl.queue.shm import ProducerArena, reachable
 
@@ -97,16 +97,16 @@ class QueueProducer(Client):
 
     def _encode(self, group: TrajectoryGroup) -> tuple[list, Optional[dict]]:
         """(frames, region): a large group's arrays go into the arena when the queue's directory is here."""
-        if self._shm_dir is not None:
-            header, parts = group_parts(group)
-            if sum(dtype.itemsize * sum(len(a) for a in arrays) for dtype, arrays in parts) >= self.shm_min_bytes:
-                if self.arena is None:
-                    try:
-                        self.arena = ProducerArena(self._shm_dir, self.name, self.arena_bytes)
-                    except OSError as exc:
-                        log.warning("%s: no arena in %s (%s); sending arrays in the messages", self.name, self._shm_dir, exc)
-                        self._shm_dir = None
-                ref = self.arena.write(parts) if self.arena is not None else None
+        if self._shm_dir is not None and array_bytes(group) >= self.shm_min_bytes:
+            if self.arena is None:
+                try:
+                    self.arena = ProducerArena(self._shm_dir, self.name, self.arena_bytes)
+                except OSError as exc:
+                    log.warning("%s: no arena in %s (%s); sending arrays in the messages", self.name, self._shm_dir, exc)
+                    self._shm_dir = None
+            if self.arena is not None:
+                header, parts = group_parts(group)
+                ref = self.arena.write(parts)
                 if ref is not None:
                     return [pack(header)], ref
         return encode_group(group), None
