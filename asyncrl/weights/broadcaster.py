@@ -6,8 +6,10 @@ background thread owns a ROUTER socket and answers two requests:
 
 - ``fetch`` {have, running, engine, transport}: 'unchanged' (with the learner's newest version,
   which engines use for their staleness gate), or the manifest followed by one message per bucket
-  (``zmq``), or the manifest and the shared-memory file to map (``shm``). Engines in a gloo/nccl
-  group get the data pushed by `GroupPublisher` and use fetch only to learn the version.
+  (``zmq``), or the manifest and the shared-memory file to map (``shm``), or the manifest and one
+  cross-process tensor handle per bucket (``ipc``, reduced anew for each fetch: see weights/ipc.py).
+  Engines in a gloo/nccl group get the data pushed by `GroupPublisher` and use fetch only to learn
+  the version.
 - ``ack`` {engine, version}: the engine now runs `version`.
 
 `engine_versions` is what every engine last said it runs. Must never import rollout code.
@@ -25,13 +27,14 @@ import zmq
 
 from asyncrl.queue.codec import pack, unpack_header
 from asyncrl.weights.codec import DEFAULT_BUCKET_BYTES
+from asyncrl.weights.ipc import share
 from asyncrl.weights.transport import GroupPublisher, Published, snapshot
 
 log = logging.getLogger("asyncrl.weights")
 
-KEEP_FILES = 2
-"""Shared-memory versions kept on disk: the newest and the one before, so an engine that got the
-previous manifest a moment before a publish can still map its file."""
+KEEP_SHARED = 2
+"""Versions kept in shared memory (a file, ipc buffers): the newest and the one before, so an engine
+that got the previous manifest a moment before a publish can still map its file or open its handles."""
 
 
 def named_tensors(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
@@ -48,10 +51,12 @@ def named_tensors(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
 
 class WeightBroadcaster:
     def __init__(self, address: str, bucket_bytes: int = DEFAULT_BUCKET_BYTES, shm_dir: Optional[str] = None,
-                 group: Optional[GroupPublisher] = None, curve=None):
-        """`curve`: an `asyncrl.security.Curve`; serves with the learner's key to authorized engines only."""
+                 group: Optional[GroupPublisher] = None, curve=None, ipc: bool = False):
+        """`curve`: an `asyncrl.security.Curve`; serves with the learner's key to authorized engines only.
+        `ipc`: also keep each version on the model's device for ``ipc`` engines (weights/ipc.py)."""
         self.bucket_bytes = bucket_bytes
         self.shm_dir = shm_dir
+        self.ipc = ipc
         self.group = group
         self._ctx = zmq.Context.instance()
         self._socket = self._ctx.socket(zmq.ROUTER)
@@ -65,7 +70,7 @@ class WeightBroadcaster:
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self._lock = threading.Lock()
         self._current: Optional[Published] = None
-        self._files: list[Published] = []
+        self._kept: list[Published] = []
         self.engine_versions: dict[str, int] = {}
         self.rejected = 0
         self._stop = threading.Event()
@@ -75,7 +80,7 @@ class WeightBroadcaster:
     @classmethod
     def from_config(cls, wc, group: Optional[GroupPublisher] = None, curve=None) -> "WeightBroadcaster":
         """From `asyncrl.config.WeightsConfig`."""
-        return cls(wc.address, bucket_bytes=wc.bucket_bytes, shm_dir=wc.shm_dir, group=group, curve=curve)
+        return cls(wc.address, bucket_bytes=wc.bucket_bytes, shm_dir=wc.shm_dir, group=group, curve=curve, ipc=wc.ipc)
 
     @property
     def version(self) -> int:
@@ -89,19 +94,19 @@ class WeightBroadcaster:
         tensors = named_tensors(model) if isinstance(model, torch.nn.Module) else model
         with torch.no_grad():
             try:
-                published = snapshot(tensors, version, self.bucket_bytes, self.shm_dir)
-            except OSError as exc:
-                if self.shm_dir is None or not isinstance(model, torch.nn.Module):
+                published = snapshot(tensors, version, self.bucket_bytes, self.shm_dir, self.ipc)
+            except (OSError, RuntimeError) as exc:  # RuntimeError: torch's, shared memory or the device full
+                if (self.shm_dir is None and not self.ipc) or not isinstance(model, torch.nn.Module):
                     raise
-                log.warning("cannot keep version %d in %s (%s); keeping it in memory, engines fetch over zmq",
-                            version, self.shm_dir, exc)
+                log.warning("cannot keep version %d in shared memory (%s); keeping it in the learner's memory, "
+                            "engines fetch over zmq", version, exc)
                 published = snapshot(named_tensors(model), version, self.bucket_bytes, None)
         with self._lock:
             self._current = published
-            if published.path is not None:
-                self._files.append(published)
-                while len(self._files) > KEEP_FILES:
-                    self._files.pop(0).discard()
+            if published.shared:
+                self._kept.append(published)
+                while len(self._kept) > KEEP_SHARED:
+                    self._kept.pop(0).discard()
         if self.group is not None:
             self.group.offer(published)
         return time.perf_counter() - start
@@ -141,9 +146,25 @@ class WeightBroadcaster:
         if transport == "shm" and current.path is not None:
             self._socket.send_multipart([identity, pack({"ok": True, "transport": "shm", "path": current.path, **current.manifest})])
             return
+        if transport == "ipc" and self._send_handles(identity, current):
+            return
         self._socket.send_multipart([identity, pack({"ok": True, "transport": "zmq", **current.manifest})])
         for index, buf in enumerate(current.buffers):
             self._socket.send_multipart([identity, pack({"version": current.version, "bucket": index}), buf], copy=False)
+
+    def _send_handles(self, identity: bytes, current: Published) -> bool:
+        """Answer with one handle per ipc bucket; False (the caller sends over zmq) when this version
+        has none or torch cannot share them."""
+        buffers = current.ipc  # read once: a publish may discard this version meanwhile
+        if buffers is None:
+            return False
+        try:
+            handles = share(buffers)
+        except RuntimeError as exc:
+            log.warning("cannot share version %d's buckets (%s); sending them over zmq", current.version, exc)
+            return False
+        self._socket.send_multipart([identity, pack({"ok": True, "transport": "ipc", "handles": handles, **current.manifest})])
+        return True
 
     def close(self) -> None:
         self._stop.set()
@@ -151,9 +172,9 @@ class WeightBroadcaster:
         self._socket.close(0)
         if self.group is not None:
             self.group.close()
-        for published in self._files:
+        for published in self._kept:
             published.discard()
-        self._files.clear()
+        self._kept.clear()
 
 
 def _integer(header: dict, key: str) -> int:

@@ -55,7 +55,7 @@ class Bucket:
         return {"nbytes": len(self.data), CHECKSUM: self.checksum, "tensors": self.tensors}
 
 
-def _raw(tensor: torch.Tensor) -> torch.Tensor:
+def raw_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes as a flat uint8 tensor on its own device (no copy when contiguous)."""
     tensor = tensor.detach()
     if tensor.dtype not in DTYPE_NAMES:
@@ -89,7 +89,7 @@ def iter_buckets(
     allocate = allocate or (lambda n: np.empty(n, dtype=np.uint8))
     index, used, buf, entries = 0, 0, None, []
     for name, tensor in named_tensors:
-        raw = _raw(tensor)
+        raw = raw_bytes(tensor)
         size = raw.numel()
         if buf is not None and used + size > len(buf):
             yield _finish(index, buf, used, entries)

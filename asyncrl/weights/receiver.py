@@ -2,8 +2,9 @@
 
 `fetch` asks the learner for any version other than the one held (newer, or older after the learner
 resumed from a checkpoint) and returns it only once every
-bucket has arrived and passed its checksum; a bucket that is damaged, missing or late leaves the
-engine on its current weights (contract 6), and the next call asks again from scratch. Every
+bucket has arrived and passed its checksum (over ``ipc`` on CUDA, and nccl: its size); a bucket that
+is damaged, missing, late, or whose ipc handle cannot be opened leaves the engine on its current
+weights (contract 6), and the next call asks again from scratch. Every
 answer carries the learner's newest version (`learner_version`), which the staleness gate uses.
 `ack` tells the learner which version the engine now runs.
 
@@ -24,6 +25,7 @@ import zmq
 from asyncrl.queue.codec import ProtocolError, pack, unpack_header
 from asyncrl.security import dealer
 from asyncrl.weights.codec import WeightsError, tensors_from_buckets, verify_bucket
+from asyncrl.weights.ipc import open_buckets
 from asyncrl.weights.transport import TRANSPORTS, GroupReceiver, map_buckets
 
 log = logging.getLogger("asyncrl.weights")
@@ -104,6 +106,8 @@ class WeightReceiver:
                 buffers = map_buckets(manifest["path"], manifest)
                 for index, buf in enumerate(buffers):
                     verify_bucket(manifest, index, buf)
+            elif manifest.get("transport") == "ipc":
+                buffers = open_buckets(manifest, manifest.get("handles"))
             else:
                 buffers = self._stream(manifest, have)
                 if buffers is None:

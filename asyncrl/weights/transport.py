@@ -10,6 +10,9 @@ then come by the transport that engine chose (`weights.transport`):
   an engine on the same host maps it and copies straight from the page cache, so the bytes are
   written once however many engines read them. An engine falls back to ``zmq`` when the learner
   keeps no file (another host, or the learner was started without a shared-memory directory).
+- ``ipc``: the learner also keeps each version as one flat uint8 tensor per bucket on its device
+  (`weights.ipc`); an engine on the same host opens them through torch's cross-process handles
+  (CUDA IPC on a GPU) and copies them (`asyncrl.weights.ipc`). Falls back to ``zmq`` like ``shm``.
 - ``gloo`` / ``nccl``: a torch.distributed group of the learner (rank 0) and the engines, built
   from a TCPStore rendezvous without touching the default process group (the stateless-group
   scheme vLLM and SGLang accept for weight updates). The learner pushes each new version as one
@@ -35,10 +38,11 @@ import torch
 import torch.distributed as dist
 
 from asyncrl.weights.codec import WeightsError, iter_buckets, make_manifest, verify_bucket
+from asyncrl.weights.ipc import DeviceBuckets
 
 log = logging.getLogger("asyncrl.weights")
 
-TRANSPORTS = ("zmq", "shm", "gloo", "nccl")
+TRANSPORTS = ("zmq", "shm", "ipc", "gloo", "nccl")
 
 
 @dataclass
@@ -49,13 +53,22 @@ class Published:
     buffers: list
     path: Optional[str] = None
     """The shared-memory file holding the buckets back to back, when there is one."""
+    ipc: Optional[list] = None
+    """The buckets again as flat uint8 tensors on the learner's device, for ``ipc`` engines, when kept."""
 
     @property
     def version(self) -> int:
         return self.manifest["version"]
 
+    @property
+    def shared(self) -> bool:
+        """Whether engines reach this version outside the learner's socket (a file or ipc buffers)."""
+        return self.path is not None or self.ipc is not None
+
     def discard(self) -> None:
-        """Unlink the file; engines that mapped it keep their mapping until they let go."""
+        """Unlink the file and drop the ipc buffers; engines that mapped or opened them keep what
+        they hold until they let go."""
+        self.ipc = None
         if self.path is not None:
             try:
                 os.unlink(self.path)
@@ -64,23 +77,26 @@ class Published:
 
 
 def snapshot(named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, bucket_bytes: int,
-             shm_dir: Optional[str] = None) -> Published:
-    """Copy a version out of the learner bucket by bucket, into memory or into one shared-memory file.
+             shm_dir: Optional[str] = None, ipc: bool = False) -> Published:
+    """Copy a version out of the learner bucket by bucket, into memory or into one shared-memory file,
+    and with `ipc` also into one flat tensor per bucket on the tensors' device.
 
-    With a file, each bucket is written and dropped, so the only full-size copy is the file.
+    With a file, each bucket is written and dropped, so the only full-size host copy is the file.
     """
+    device = DeviceBuckets() if ipc else None
+    buckets = device.buckets(named_tensors, bucket_bytes) if device else iter_buckets(named_tensors, bucket_bytes)
     if shm_dir is None:
-        buckets = list(iter_buckets(named_tensors, bucket_bytes))
-        return Published(make_manifest(version, buckets), [b.data for b in buckets])
+        buckets = list(buckets)
+        return Published(make_manifest(version, buckets), [b.data for b in buckets], ipc=device.finish() if device else None)
     path = os.path.join(shm_dir, f"asyncrl-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}-v{version}")
     metas = []
     try:
         with open(path, "wb") as f:
-            for bucket in iter_buckets(named_tensors, bucket_bytes):
+            for bucket in buckets:
                 f.write(bucket.data)
                 metas.append(bucket.meta())
         manifest = {"version": version, "buckets": metas, "nbytes": sum(m["nbytes"] for m in metas)}
-        return Published(manifest, map_buckets(path, manifest), path)
+        return Published(manifest, map_buckets(path, manifest), path, ipc=device.finish() if device else None)
     except BaseException:
         if os.path.exists(path):
             os.unlink(path)
