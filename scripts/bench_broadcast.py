@@ -6,6 +6,9 @@ engines, each a separate process holding its own bf16 parameters, it measures:
 - asyncrl ``zmq``: manifest + streamed buckets over loopback, every bucket checksummed, then the
   swap (copy into the engine's parameters);
 - asyncrl ``shm``: the learner keeps the version in one /dev/shm file; engines map, verify, swap;
+- asyncrl ``ipc``: the learner also keeps the version as one tensor per bucket on its device
+  (``--device``: a torch shared-memory file on CPU, GPU memory opened by CUDA IPC on a GPU);
+  engines open each through torch's cross-process handle, copy, check, swap;
 - raw ZeroMQ: the same bytes in the same frames, no manifest, no checksums, no swap;
 - torch.distributed gloo: the same bytes broadcast bucket by bucket from rank 0.
 
@@ -15,6 +18,7 @@ it cannot generate. Run with the loopback interface only; peak memory is about
 (2 + 2 x engines) x model size, since each engine holds parameters and one received copy.
 
     .venv/bin/python scripts/bench_broadcast.py --json runs/bench_broadcast.json
+    .venv/bin/python scripts/bench_broadcast.py --json runs/bench_broadcast_cuda.json --device cuda:0
 """
 
 from __future__ import annotations
@@ -68,12 +72,12 @@ def free_port() -> int:
 # --- engine processes ---------------------------------------------------------------------------
 
 
-def asyncrl_engine(index, address, transport, shapes, ready, go, results) -> None:
+def asyncrl_engine(index, address, transport, shapes, device, ready, go, results) -> None:
     torch.set_num_threads(1)
     from asyncrl.weights.codec import tensors_from_buckets
     from asyncrl.weights.receiver import WeightReceiver
 
-    params = {name: torch.empty(shape, dtype=torch.bfloat16) for name, shape in shapes}
+    params = {name: torch.empty(shape, dtype=torch.bfloat16, device=device) for name, shape in shapes}
     for t in params.values():
         t.zero_()  # touch the pages now, as a loaded engine would have them
     receiver = WeightReceiver(address, f"e{index}", timeout_s=300, transport=transport)
@@ -87,9 +91,14 @@ def asyncrl_engine(index, address, transport, shapes, ready, go, results) -> Non
         results.put({"error": f"engine {index} got nothing"})
         return
     manifest, buffers = fetched
+    if manifest.get("transport") != transport:  # a fallback would put another transport's time in this row
+        results.put({"error": f"engine {index} asked for {transport}, the learner sent {manifest.get('transport')}"})
+        return
     with torch.no_grad():
         for name, tensor in tensors_from_buckets(manifest, buffers).items():
             params[name].copy_(tensor)
+    if device != "cpu":
+        torch.cuda.synchronize()  # the swap is done when the copies are
     t2 = time.perf_counter()
     end = time.time()
     receiver.ack(manifest["version"])
@@ -147,14 +156,14 @@ def summarise(rows: list[dict]) -> dict:
     return summary
 
 
-def run_asyncrl(ctx, state, shapes, engines, transport, shm_dir) -> dict:
+def run_asyncrl(ctx, state, shapes, engines, transport, shm_dir, device) -> dict:
     from asyncrl.weights.broadcaster import WeightBroadcaster
 
     broadcaster = WeightBroadcaster(f"tcp://127.0.0.1:{free_port()}", bucket_bytes=BUCKET,
-                                    shm_dir=shm_dir if transport == "shm" else None)
+                                    shm_dir=shm_dir if transport == "shm" else None, ipc=transport == "ipc")
     publish_s = broadcaster.publish(state.items(), 1)
     ready, go, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=asyncrl_engine, args=(i, broadcaster.address, transport, shapes, ready, go, results))
+    procs = [ctx.Process(target=asyncrl_engine, args=(i, broadcaster.address, transport, shapes, device, ready, go, results))
              for i in range(engines)]
     try:
         for p in procs:
@@ -233,11 +242,13 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=24, help="transformer layers (24 is Qwen2-0.5B)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement; the fastest is reported")
     parser.add_argument("--shm-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    parser.add_argument("--device", default="cpu", help="where the learner's tensors and the engines' parameters live "
+                        "(cuda:0: the asyncrl rows then include the copy to the GPU; ipc is CUDA IPC)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     ctx = mp.get_context("spawn")
     shapes = qwen2_05b_shapes(args.layers)
-    state = make_state(shapes)
+    state = {name: t.to(args.device) for name, t in make_state(shapes).items()}
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     params = sum(t.numel() for t in state.values())
     from asyncrl.weights.codec import iter_buckets
@@ -249,15 +260,17 @@ def main() -> int:
         runs = [fn(*a) for _ in range(args.repeats)]
         return min(runs, key=lambda r: r["delivery_s"])
 
-    results = {"params": params, "bytes": nbytes, "bucket_bytes": BUCKET, "repeats": args.repeats, "cpus": os.cpu_count(), "runs": {}}
+    results = {"params": params, "bytes": nbytes, "bucket_bytes": BUCKET, "repeats": args.repeats, "cpus": os.cpu_count(),
+               "device": args.device, "runs": {}}
     for engines in [int(e) for e in args.engines.split(",")]:
         row = {
             "raw_zmq": best(run_raw_zmq, ctx, frames, engines),
             "gloo": best(run_gloo, ctx, frames, engines),
-            "asyncrl_zmq": best(run_asyncrl, ctx, state, shapes, engines, "zmq", args.shm_dir),
-            "asyncrl_shm": best(run_asyncrl, ctx, state, shapes, engines, "shm", args.shm_dir),
+            "asyncrl_zmq": best(run_asyncrl, ctx, state, shapes, engines, "zmq", args.shm_dir, args.device),
+            "asyncrl_shm": best(run_asyncrl, ctx, state, shapes, engines, "shm", args.shm_dir, args.device),
+            "asyncrl_ipc": best(run_asyncrl, ctx, state, shapes, engines, "ipc", args.shm_dir, args.device),
         }
-        for key in ("asyncrl_zmq", "asyncrl_shm", "gloo"):
+        for key in ("asyncrl_zmq", "asyncrl_shm", "asyncrl_ipc", "gloo"):
             row[key]["vs_raw_zmq"] = row[key]["delivery_s"] / row["raw_zmq"]["delivery_s"]
         results["runs"][str(engines)] = row
         print(f"{engines} engine(s): " + ", ".join(f"{k} {v['delivery_s']:.2f} s" for k, v in row.items())
