@@ -246,10 +246,12 @@ class WeightsConfig(Section):
     """Where the learner serves weight versions and rollout servers fetch them."""
     bucket_bytes: int = Field(64 << 20, ge=1024)
     """Size of the buckets a version is copied out and sent in; bounds the learner's extra memory per step of a sharded gather."""
-    transport: Literal["zmq", "shm"] = "zmq"
-    """How this rollout server's engine gets the buckets: over the ZeroMQ socket, or by mapping the learner's shared-memory file (same host; falls back to zmq when the learner keeps none)."""
+    transport: Literal["zmq", "shm", "ipc"] = "zmq"
+    """How this rollout server's engine gets the buckets: over the ZeroMQ socket, by mapping the learner's shared-memory file ('shm'), or by opening the learner's ipc buffers through torch's cross-process handles ('ipc', CUDA IPC on a GPU); 'shm' and 'ipc' need the same host and fall back to zmq when the learner keeps none."""
     shm_dir: Optional[str] = None
     """Directory on a shared-memory file system (e.g. /dev/shm) where the learner keeps each version for 'shm' engines; null keeps versions in the learner's memory."""
+    ipc: bool = False
+    """Learner: also keep the newest two versions as one flat buffer per bucket on the model's device (GPU memory for a GPU learner), for 'ipc' engines; costs the learner two more copies of the model there."""
     update_mode: Literal["drain", "interrupt"] = "drain"
     """At a new version: 'drain' finishes the running generation batch, then swaps; 'interrupt' stops it between decode steps, swaps, and continues the same samples (per-token versions stay exact)."""
 
@@ -267,6 +269,8 @@ class ReplayConfig(Section):
     """Most mirror records waiting to be written; beyond it records are lost and counted, the queue never waits."""
     buffer_bytes: int = Field(256 << 20, ge=1 << 20)
     """Most payload bytes waiting to be written; beyond it records are lost and counted."""
+    array_mib_per_s: Optional[float] = Field(64.0, gt=0)
+    """Most array bytes (tokens, log-probs, versions) mirrored per second, in MiB; a group beyond it is mirrored without its arrays (summary, rewards and lengths kept; counted as arrays_skipped), so the mirror never costs the queue more than Redis can take. null: every group's arrays."""
 
 
 class RunConfig(Section):
