@@ -180,9 +180,9 @@ def _serve_queue(cfg: Config, stop, linger_s: float = 0.0) -> None:
     server = QueueServer(cfg.queue.address, settings, curve=curve_for(cfg.security, "queue"))
     mirror = None
     if cfg.replay.redis_url:
-        from asyncrl.replay.mirror import ReplayMirror
+        from asyncrl.replay.process import MirrorProcess
 
-        mirror = ReplayMirror.from_config(cfg, learner_version=lambda: server.learner_version)
+        mirror = MirrorProcess.from_config(cfg, learner_version=lambda: server.learner_version)
         server.observers.append(mirror)
     logging.getLogger("asyncrl.queue").info("serving on %s", server.address)
     closed_at: list[float] = []

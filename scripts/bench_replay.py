@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from asyncrl.allocator import keep_freed_memory  # noqa: E402
+from asyncrl.config import ReplayConfig  # noqa: E402
 from asyncrl.ports import free_port  # noqa: E402
 from asyncrl.protocol import Sample, TrajectoryGroup, new_group_id  # noqa: E402
 from asyncrl.queue.client import QueueConsumer, QueueProducer  # noqa: E402
@@ -74,15 +75,18 @@ def _consume(address: str, groups: int, result, shm: bool) -> None:
     consumer.close()
 
 
-def run_once(groups: int, group_mib: float, samples: int, redis_url: str | None, maxlen: int, shm: bool) -> dict:
+def run_once(groups: int, group_mib: float, samples: int, redis_url: str | None, maxlen: int, shm: bool,
+             array_mib_per_s: float = 0.0) -> dict:
     settings = QueueSettings(max_staleness=1, groups_per_step=1, capacity_groups=64, capacity_bytes=1 << 30,
                              max_message_bytes=256 << 20, shm_dir="/dev/shm" if shm else None)
     server = QueueServer(f"tcp://127.0.0.1:{free_port()}", settings)
     mirror = None
     if redis_url:
-        from asyncrl.replay.mirror import ReplayMirror
+        from asyncrl.replay.process import MirrorProcess
 
-        mirror = ReplayMirror(redis_url, f"bench-{time.time_ns()}", maxlen=maxlen, max_runs=2)
+        # What `asyncrl learner` runs: the writer in its own process, arrays within the budget.
+        mirror = MirrorProcess(redis_url, f"bench-{time.time_ns()}", maxlen=maxlen, max_runs=2,
+                               array_bytes_per_s=array_mib_per_s * (1 << 20) if array_mib_per_s else None)
         server.observers.append(mirror)
     stop = threading.Event()
     thread = threading.Thread(target=server.serve, args=(stop.is_set, 10), daemon=True)
@@ -115,6 +119,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="Measurements per configuration (median reported).")
     parser.add_argument("--maxlen", type=int, default=200, help="replay.maxlen of the mirror.")
     parser.add_argument("--redis-url", default=None, help="Use this Redis instead of starting one.")
+    parser.add_argument("--array-mib-per-s", type=float, default=ReplayConfig().array_mib_per_s,
+                        help="replay.array_mib_per_s of the mirror (default: the config's); 0: every group's arrays.")
     parser.add_argument("--no-shm", dest="shm", action="store_false",
                         help="Every group's arrays in the messages (as between hosts), not through the producer's arena.")
     args = parser.parse_args()
@@ -133,10 +139,12 @@ def main() -> None:
         runs = {"without_mirror": [], "with_mirror": []}
         for _ in range(args.repeats):
             for name, redis_url in (("without_mirror", None), ("with_mirror", url)):
-                result = run_once(args.groups, args.group_mib, args.samples, redis_url, args.maxlen, args.shm)
+                result = run_once(args.groups, args.group_mib, args.samples, redis_url, args.maxlen, args.shm,
+                                  args.array_mib_per_s)
                 runs[name].append(result)
                 print(f"{name:>15}: {result['groups_per_s']:7.1f} groups/s  {result['mib_per_s']:7.1f} MiB/s"
                       + (f"  mirror written {result['mirror']['written']} lost {result['mirror']['lost']}"
+                         f" without arrays {result['mirror']['arrays_skipped']}"
                          if "mirror" in result else ""), flush=True)
     finally:
         if proc is not None:
@@ -148,6 +156,9 @@ def main() -> None:
         "groups": args.groups,
         "samples": args.samples,
         "shm": args.shm,
+        "array_mib_per_s": args.array_mib_per_s or None,
+        "arrays_kept": 1 - sum(r["mirror"]["arrays_skipped"] for r in runs["with_mirror"])
+        / max(1, sum(r["mirror"]["written"] for r in runs["with_mirror"])),
         "cpus": mp.cpu_count(),
         "groups_per_s": median,
         "mib_per_s": {k: v * args.group_mib for k, v in median.items()},

@@ -27,10 +27,18 @@ import redis
 from click.testing import CliRunner
 
 from asyncrl.config import load_config
-from asyncrl.queue.codec import encode_group
+from asyncrl.queue.codec import encode_group, unpack_header
+from asyncrl.queue.state import Entry
 from asyncrl.replay.cli import replay
 from asyncrl.replay.mirror import ReplayMirror
 from conftest import free_port
+
+
+def entry_of(group) -> Entry:
+    """The queue's Entry for `group`, as a QueueObserver is handed it on acceptance."""
+    frames = encode_group(group)
+    header = unpack_header(frames[0])
+    return Entry(header["id"], header, frames[1:], sum(len(f) for f in frames), group.behaviour_version, frames[0])
 
 
 def redis_binary() -> str:
@@ -299,13 +307,13 @@ class Run:
             for engine, rewards in (("e0", (1.0, 1.0)), ("e1", (0.0, 0.0))):
                 self.add(char_group(version=version, rewards=rewards, engine=engine))
         self.stale = self.groups[0]
-        self.mirror.on_drop(self.stale.group_id, "stale", encode_group(self.stale))
+        self.mirror.on_drop(entry_of(self.stale), "stale")
         self.mirror.on_reject("bad_schema", "group header is missing field 'id'")
         assert self.mirror.flush(5)
 
     def add(self, group) -> None:
         self.groups.append(group)
-        self.mirror.on_accept(group.group_id, encode_group(group))
+        self.mirror.on_accept(entry_of(group))
 
     def cli(self, *args: str):
         return CliRunner().invoke(replay, ["--url", self.url, *args], catch_exceptions=False)

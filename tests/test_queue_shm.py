@@ -323,11 +323,11 @@ class Recorder:
         self.accepted: dict[str, list] = {}
         self.dropped: dict[str, list] = {}
 
-    def on_accept(self, group_id: str, frames: list) -> None:
-        self.accepted[group_id] = frames
+    def on_accept(self, entry) -> None:
+        self.accepted[entry.group_id] = entry.stable_frames()
 
-    def on_drop(self, group_id: str, reason: str, frames: list) -> None:
-        self.dropped[group_id] = frames
+    def on_drop(self, entry, reason: str) -> None:
+        self.dropped[entry.group_id] = entry.stable_frames()
 
     def on_reject(self, code: str, detail: str) -> None:
         pass

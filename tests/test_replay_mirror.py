@@ -13,7 +13,7 @@ from asyncrl.queue.codec import encode_group
 from asyncrl.replay.mirror import ReplayMirror
 from asyncrl.replay.store import RUNS_KEY, ReplayStore, RunKeys
 from conftest import free_port, loopback
-from replay_fixtures import char_group, redis_server, redis_server_with_password  # noqa: F401  (fixtures)
+from replay_fixtures import char_group, entry_of, redis_server, redis_server_with_password  # noqa: F401  (fixtures)
 from test_codec import make_group
 
 
@@ -77,10 +77,10 @@ def test_rejected_request_is_counted_by_code(mirrored_queue, redis_server):
 
 def test_observer_returns_at_once_and_counts_losses_when_redis_is_unreachable():
     mirror = ReplayMirror(f"redis://127.0.0.1:{free_port()}/0", "r1", buffer=4)
-    frames = encode_group(make_group(lens=(1 << 17, 1 << 17)))  # about 3 MiB
+    entry = entry_of(make_group(lens=(1 << 17, 1 << 17)))  # about 3 MiB
     started = time.perf_counter()
     for _ in range(50):
-        mirror.on_accept("g", frames)
+        mirror.on_accept(entry)
     assert time.perf_counter() - started < 0.5
     stats = mirror.close(timeout_s=10)
     assert stats["written"] == 0 and stats["lost"] == 50 and stats["lost_buffer_full"] >= 46
@@ -103,16 +103,16 @@ def test_redis_killed_mid_run_leaves_the_queue_unaffected_and_counts_lost_record
 
 def test_mirror_reconnects_to_a_restarted_redis_and_records_its_losses(redis_server):
     mirror = ReplayMirror(redis_server.url, "r1")
-    mirror.on_accept("a", encode_group(make_group()))
+    mirror.on_accept(entry_of(make_group()))
     assert mirror.flush(5)
     redis_server.kill()
     for _ in range(3):
-        mirror.on_accept("b", encode_group(make_group()))
+        mirror.on_accept(entry_of(make_group()))
     assert mirror.flush(10) and mirror.stats()["lost"] == 3
     redis_server.start()
     later = [make_group() for _ in range(4)]
     for group in later:
-        mirror.on_accept(group.group_id, encode_group(group))
+        mirror.on_accept(entry_of(group))
     assert mirror.flush(10)
     store = ReplayStore.open(redis_server.url)
     assert store.group_ids("r1") == [g.group_id for g in later]
@@ -123,7 +123,7 @@ def test_maxlen_keeps_the_newest_groups_and_bounds_the_stream(redis_server):
     mirror = ReplayMirror(redis_server.url, "r1", maxlen=10)
     groups = [make_group() for _ in range(40)]
     for group in groups:
-        mirror.on_accept(group.group_id, encode_group(group))
+        mirror.on_accept(entry_of(group))
     mirror.close()
     store = ReplayStore.open(redis_server.url)
     assert store.group_ids("r1") == [g.group_id for g in groups[-10:]]
@@ -136,7 +136,7 @@ def test_max_bytes_deletes_the_oldest_groups(redis_server):
     mirror = ReplayMirror(redis_server.url, "r1", max_bytes=3 * nbytes + 1)
     groups = [make_group() for _ in range(7)]
     for group in groups:
-        mirror.on_accept(group.group_id, encode_group(group))
+        mirror.on_accept(entry_of(group))
     mirror.close()
     store = ReplayStore.open(redis_server.url)
     assert store.group_ids("r1") == [g.group_id for g in groups[-3:]]
@@ -146,7 +146,7 @@ def test_max_bytes_deletes_the_oldest_groups(redis_server):
 def test_a_new_run_deletes_the_least_recently_written_beyond_max_runs(redis_server):
     for name in ("old", "mid", "new"):
         mirror = ReplayMirror(redis_server.url, name, max_runs=2)
-        mirror.on_accept(name, encode_group(make_group()))
+        mirror.on_accept(entry_of(make_group()))
         mirror.close()
         time.sleep(0.01)
     store = ReplayStore.open(redis_server.url)
@@ -157,7 +157,7 @@ def test_a_new_run_deletes_the_least_recently_written_beyond_max_runs(redis_serv
 def test_password_in_the_url_authenticates(redis_server_with_password):
     mirror = ReplayMirror(redis_server_with_password.url, "r1")
     group = make_group()
-    mirror.on_accept(group.group_id, encode_group(group))
+    mirror.on_accept(entry_of(group))
     assert mirror.close()["written"] == 1
     assert redis_server_with_password.client().zcard(RunKeys("r1").by_seq) == 1
 
@@ -167,7 +167,7 @@ def test_the_config_recorded_in_redis_holds_no_password(redis_server_with_passwo
     cfg = load_config(None, [f"replay.redis_url={url}", "run_name=secret"])
     mirror = ReplayMirror.from_config(cfg)
     group = make_group()
-    mirror.on_accept(group.group_id, encode_group(group))
+    mirror.on_accept(entry_of(group))
     assert mirror.close()["written"] == 1
     stored = redis_server_with_password.client().hgetall(RunKeys("secret").meta)
     assert redis_server_with_password.password.encode() not in b"".join(stored.values())

@@ -10,13 +10,13 @@ import logging
 import numpy as np
 from click.testing import CliRunner
 
-from asyncrl.queue.codec import encode_group
 from asyncrl.replay.cli import replay
 from asyncrl.replay.mirror import ReplayMirror
 from asyncrl.replay.store import ReplayStore, redact
 from replay_fixtures import (  # noqa: F401  (fixtures)
     Run,
     char_group,
+    entry_of,
     mutual_tls_redis,
     redis_server,
     redis_server_with_password,
@@ -31,7 +31,7 @@ def mirror_groups(url: str, n: int = 3):
     mirror = ReplayMirror(url, "r1")
     groups = [char_group(version=i) for i in range(n)]
     for group in groups:
-        mirror.on_accept(group.group_id, encode_group(group))
+        mirror.on_accept(entry_of(group))
     return groups, mirror.close(timeout_s=10)
 
 

@@ -379,10 +379,8 @@ class QueueServer(ConsumerSide):
         self.stats.accepted += 1
         self.stats.accepted_by_engine[engine] += 1
         self._grew = True
-        if self.observers:
-            frames = entry.stable_frames()
-            for obs in self.observers:
-                obs.on_accept(gid, frames)
+        for obs in self.observers:
+            obs.on_accept(entry)
         return "accepted"
 
     # -- settlement -------------------------------------------------------------------------
@@ -411,10 +409,9 @@ class QueueServer(ConsumerSide):
         entry = self._settle(gid, time.monotonic(), f"dropped:{reason}")
         self.stats.dropped[reason] += 1
         self.admission.unusable()
-        if self.observers:
-            frames = entry.stable_frames()  # the region is free from here on
-            for obs in self.observers:
-                obs.on_drop(gid, reason, frames)
+        # The region is free from here on, but no producer hears of it before this thread replies.
+        for obs in self.observers:
+            obs.on_drop(entry, reason)
 
     def _close(self, header: dict, frames: list) -> tuple[dict, list]:
         self.closed = True

@@ -170,12 +170,16 @@ def show(ctx: click.Context, group_id: str, run: Optional[str], tokens: bool) ->
     """
     import numpy as np
 
-    from asyncrl.replay.store import ReplayError
+    from asyncrl.replay.store import ArraysNotKept, ReplayError
 
     store = _store(ctx)
     try:
         run, group_id = store.find_group(group_id, run)
         group, summary, prox = store.load_group(run, group_id)
+    except ArraysNotKept as exc:
+        _show_summary(exc.summary, run)
+        _console().print(f"[yellow]{exc}[/yellow]")
+        return
     except ReplayError as exc:
         raise click.ClickException(str(exc)) from None
     tok, why = _tokenizer(store, run)
@@ -208,6 +212,16 @@ def show(ctx: click.Context, group_id: str, run: Optional[str], tokens: bool) ->
         con.print("importance weights: unknown (the learner has not reported proximal log-probs for this group)")
 
 
+def _show_summary(summary: dict, run: str) -> None:
+    """What `show` prints of a group mirrored without its arrays."""
+    con = _console()
+    con.print(f"[bold]group {summary['id']}[/bold]  run {run}  {summary.get('status')}"
+              + (f" ({summary['reason']})" if summary.get("reason") else ""))
+    con.print(f"task {summary.get('task')}  engine {summary.get('engine')}  behaviour version {summary.get('version')}"
+              f"  learner version at arrival {summary.get('learner_version')}  staleness {summary.get('staleness')}")
+    con.print(f"{summary.get('samples')} samples, lengths {summary.get('lens')}, mean reward {summary.get('reward')}")
+
+
 @replay.command()
 @filter_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -224,7 +238,7 @@ def stats(ctx: click.Context, run: Optional[str], as_json: bool, **kw) -> None:
         return
     con = _console()
     con.print(f"[bold]run {run}[/bold]: {result['groups']} stored groups, {result['mirror_lost']} mirror records lost, "
-              f"{result['trimmed']} groups trimmed by retention")
+              f"{result['trimmed']} groups trimmed by retention, {result['arrays_skipped']} mirrored without their arrays")
     hist = result["staleness_at_arrival"]
     peak = max(hist.values(), default=1)
     con.print(_table("staleness at arrival (accepted groups)", ["staleness", "groups", ""],
@@ -292,16 +306,19 @@ def tail(ctx: click.Context, run: Optional[str], lines: int, follow: bool, count
 def export(ctx: click.Context, run: Optional[str], out: str, fmt: Optional[str], **kw) -> None:
     """Write the matching groups, one row per sample, as jsonl or parquet."""
     from asyncrl.replay.queries import sample_rows, select
-    from asyncrl.replay.store import ReplayError
+    from asyncrl.replay.store import ArraysNotKept, ReplayError
 
     fmt = fmt or ("parquet" if out.endswith(".parquet") else "jsonl")
     store = _store(ctx)
     run = _run(store, run)
     tok, _ = _tokenizer(store, run)
-    rows = []
+    rows, without_arrays = [], 0
     for summary in select(store, run, _filter(kw)):
         try:
             group, full, _ = store.load_group(run, summary["id"])
+        except ArraysNotKept:
+            without_arrays += 1
+            continue
         except ReplayError:
             continue  # trimmed between listing and loading
         rows.extend(sample_rows(group, full, run, tok))
@@ -316,7 +333,9 @@ def export(ctx: click.Context, run: Optional[str], out: str, fmt: Optional[str],
         with open(out, "w") as fh:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
-    click.echo(f"wrote {len(rows)} samples of run {run} to {out}")
+    click.echo(f"wrote {len(rows)} samples of run {run} to {out}"
+               + (f"; {without_arrays} groups skipped, mirrored without their arrays (replay.array_mib_per_s)"
+                  if without_arrays else ""))
 
 
 @replay.command("feed")
@@ -346,7 +365,8 @@ def feed_(ctx: click.Context, run: Optional[str], address: str, versions: str, n
     finally:
         producer.close()
     click.echo(f"fed {result.sent} groups of run {run} to {address} in {time.monotonic() - started:.1f} s "
-               f"({result.duplicates} duplicates, {result.skipped_future} skipped as newer than the learner)")
+               f"({result.duplicates} duplicates, {result.skipped_future} skipped as newer than the learner, "
+               f"{result.skipped_no_arrays} skipped as mirrored without their arrays)")
 
 
 @replay.command()

@@ -1,9 +1,12 @@
 """The replay mirror: a queue observer that copies every accepted, dropped and rejected group to Redis.
 
 The queue calls `on_accept`/`on_drop`/`on_reject` on its own thread, so those only append a
-reference to the group's frames to a bounded buffer and return: no Redis I/O, no decoding, no
-copy. A background thread decodes the summary fields and writes batches in one MULTI/EXEC
-pipeline each. When the buffer is full (Redis slow or gone) a record is lost and counted; when a
+record to a bounded buffer and return: no Redis I/O, no decoding, and a copy of the arrays only
+when they live in a producer's arena. Array bytes are mirrored up to `array_bytes_per_s`; a group
+beyond that budget is mirrored without its arrays (its summary, rewards and lengths are kept, its
+hash says `arrays: skipped`), so that a queue moving a GB/s cannot make the mirror cost it more
+than Redis can take. A background thread decodes the summary fields and writes batches in one
+MULTI/EXEC pipeline each, lingering up to `linger_s` to fill a batch. When the buffer is full (Redis slow or gone) a record is lost and counted; when a
 batch fails after redis-py's own retries, its records are lost and counted. The counts are in
 `stats()`, in the log, and in the run's meta hash once Redis answers again. Retention (groups and
 bytes per run, runs in total) is enforced by a Lua script at every write, so nothing grows
@@ -61,8 +64,80 @@ return n
 """
 
 
-class ReplayMirror:
-    """QueueObserver writing to Redis in the background; see the module docstring."""
+def settings_from_config(cfg) -> dict:
+    """ReplayMirror's keyword arguments (url and run included) from a whole `asyncrl.config.Config`."""
+    rc = cfg.replay
+    recorded = cfg.model_dump(mode="json")
+    recorded["replay"]["redis_url"] = redact(rc.redis_url)  # anyone who can read the run can read this
+    meta = {
+        "config": json.dumps(recorded),
+        "task": cfg.task.name,
+        # Informational only (`show` rebuilds the real one from the config): digit tasks use the
+        # built-in character vocabulary, task 'dataset' the model's own tokenizer.
+        "tokenizer": cfg.model.path if cfg.task.name == "dataset" else "char",
+        "queue": cfg.queue.address,
+    }
+    budget = None if rc.array_mib_per_s is None else rc.array_mib_per_s * (1 << 20)
+    return dict(url=rc.redis_url, run=cfg.run_name, meta=meta, maxlen=rc.maxlen, max_bytes=rc.max_bytes,
+                max_runs=rc.max_runs, buffer=rc.buffer, buffer_bytes=rc.buffer_bytes, array_bytes_per_s=budget)
+
+
+class MirrorObserver:
+    """The QueueObserver half of a mirror: turns the queue's decisions into records and hands each
+    to `offer` (a buffer in this process, or a writer process). Runs on the queue's thread, so it
+    reads no arrays except the versions' newest, and copies arrays only within the array budget."""
+
+    budget: "ArrayBudget"
+    _learner_version: Callable[[], int]
+
+    def on_accept(self, entry) -> None:
+        self.offer(*group_record("accept", entry, "", self._learner_version(), self.budget))
+
+    def on_drop(self, entry, reason: str) -> None:
+        self.offer(*group_record("drop", entry, reason, self._learner_version(), self.budget))
+
+    def on_reject(self, code: str, detail: str) -> None:
+        self.offer(("reject", "", code, detail[:1000], self._learner_version(), time.time(), 0, 0), 0)
+
+    def offer(self, record: tuple, nbytes: int) -> None:
+        raise NotImplementedError
+
+
+class ArrayBudget:
+    """Array bytes mirrored per second at most (a token bucket holding one second's worth); a group
+    beyond it is mirrored without its arrays. None: no limit."""
+
+    def __init__(self, bytes_per_s: Optional[float]):
+        self.rate = bytes_per_s
+        self._tokens = bytes_per_s or 0.0
+        self._last = time.monotonic()
+        self.skipped = 0
+
+    def take(self, nbytes: int) -> bool:
+        if self.rate is None:
+            return True
+        now = time.monotonic()
+        self._tokens = min(self.rate, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens <= 0:  # in debt: a group larger than a second's budget still passes now and then
+            self.skipped += 1
+            return False
+        self._tokens -= nbytes
+        return True
+
+
+def group_record(kind: str, entry, reason: str, learner_version: int, budget: ArrayBudget) -> tuple[tuple, int]:
+    """(record, bytes it holds) for an accepted or dropped queue Entry. Arrays living in a producer's
+    arena are copied (the region is reused once the group settles); over budget, only the header."""
+    versions = np.frombuffer(entry.arrays[3], dtype="<i4")
+    newest = int(versions.max()) if len(versions) else entry.behaviour_version
+    frames = entry.stable_frames() if budget.take(sum(len(a) for a in entry.arrays)) else entry.frames[:1]
+    record = (kind, entry.group_id, reason, frames, learner_version, time.time(), entry.behaviour_version, newest)
+    return record, sum(len(f) for f in frames)
+
+
+class ReplayMirror(MirrorObserver):
+    """QueueObserver writing to Redis from a thread of this process; see the module docstring."""
 
     def __init__(
         self,
@@ -76,8 +151,10 @@ class ReplayMirror:
         buffer: int = 1024,
         buffer_bytes: int = 256 << 20,
         learner_version: Callable[[], int] = lambda: 0,
+        array_bytes_per_s: Optional[float] = None,
         batch_records: int = 64,
         batch_bytes: int = 16 << 20,
+        linger_s: float = 0.02,
         warn_every_s: float = 30.0,
     ):
         self.url = url
@@ -91,8 +168,10 @@ class ReplayMirror:
         self.buffer_bytes = buffer_bytes
         self.batch_records = batch_records
         self.batch_bytes = batch_bytes
+        self.linger_s = linger_s
         self.warn_every_s = warn_every_s
         self._learner_version = learner_version
+        self.budget = ArrayBudget(array_bytes_per_s)
         self._r = connect(url)  # connects lazily: no I/O on the caller's thread
         self._index = self._r.register_script(_INDEX_AND_TRIM)
         self._cond = threading.Condition()
@@ -107,6 +186,8 @@ class ReplayMirror:
         self.written = 0
         self.lost_buffer_full = 0
         self.lost_redis = 0
+        self.lost_upstream = 0
+        """Lost before they reached this writer (told by the queue's side of a writer process)."""
         self.last_error = ""
         self._thread = threading.Thread(target=self._loop, name=f"replay-mirror[{run}]", daemon=True)
         self._thread.start()
@@ -114,32 +195,11 @@ class ReplayMirror:
     @classmethod
     def from_config(cls, cfg, learner_version: Callable[[], int] = lambda: 0) -> "ReplayMirror":
         """The mirror `cfg.replay` describes, recording `cfg` so that `show` can rebuild the tokenizer."""
-        rc = cfg.replay
-        recorded = cfg.model_dump(mode="json")
-        recorded["replay"]["redis_url"] = redact(rc.redis_url)  # anyone who can read the run can read this
-        meta = {
-            "config": json.dumps(recorded),
-            "task": cfg.task.name,
-            # Informational only (`show` rebuilds the real one from the config): digit tasks use the
-            # built-in character vocabulary, task 'dataset' the model's own tokenizer.
-            "tokenizer": cfg.model.path if cfg.task.name == "dataset" else "char",
-            "queue": cfg.queue.address,
-        }
-        return cls(rc.redis_url, cfg.run_name, meta=meta, maxlen=rc.maxlen, max_bytes=rc.max_bytes,
-                   max_runs=rc.max_runs, buffer=rc.buffer, buffer_bytes=rc.buffer_bytes, learner_version=learner_version)
+        return cls(**settings_from_config(cfg), learner_version=learner_version)
 
     # -- QueueObserver: called on the queue's thread; append and return ------------------------
 
-    def on_accept(self, group_id: str, frames: list) -> None:
-        self._offer(("accept", group_id, "", frames, self._learner_version(), time.time()), sum(len(f) for f in frames))
-
-    def on_drop(self, group_id: str, reason: str, frames: list) -> None:
-        self._offer(("drop", group_id, reason, frames, self._learner_version(), time.time()), sum(len(f) for f in frames))
-
-    def on_reject(self, code: str, detail: str) -> None:
-        self._offer(("reject", "", code, detail[:1000], self._learner_version(), time.time()), 0)
-
-    def _offer(self, record: tuple, nbytes: int) -> None:
+    def offer(self, record: tuple, nbytes: int) -> None:
         with self._cond:
             if (
                 self._closing
@@ -150,13 +210,16 @@ class ReplayMirror:
                 return
             self._buf.append((record, nbytes))
             self._buf_bytes += nbytes
-            self._cond.notify()
+            # The writer waits for the first record, then lingers for a batch: waking it for every
+            # record would cost the queue's thread a context switch per group.
+            if len(self._buf) == 1 or len(self._buf) >= self.batch_records or self._buf_bytes >= self.batch_bytes:
+                self._cond.notify()
 
     # -- reporting and shutdown ----------------------------------------------------------------
 
     @property
     def lost(self) -> int:
-        return self.lost_buffer_full + self.lost_redis
+        return self.lost_buffer_full + self.lost_redis + self.lost_upstream
 
     def stats(self) -> dict:
         with self._cond:
@@ -165,6 +228,7 @@ class ReplayMirror:
                 "lost": self.lost,
                 "lost_buffer_full": self.lost_buffer_full,
                 "lost_redis": self.lost_redis,
+                "arrays_skipped": self.budget.skipped,
                 "buffered": len(self._buf) + self._in_flight,
                 "buffered_bytes": self._buf_bytes,
                 "connected": not self._failing,
@@ -212,6 +276,7 @@ class ReplayMirror:
                     self._cond.wait()
                 if not self._buf:
                     break
+                self._linger()
                 batch, size = [], 0
                 while self._buf and len(batch) < self.batch_records and (not batch or size < self.batch_bytes):
                     record, nbytes = self._buf.popleft()
@@ -231,6 +296,17 @@ class ReplayMirror:
                 if self._abandoned:
                     return
         self._persist_lost()
+
+    def _linger(self) -> None:
+        """Wait up to linger_s for a full batch (holding the condition's lock): a write costs a
+        pipeline round trip and a script check whatever it carries, so one per record would cost
+        the queue's process far more CPU than the records themselves."""
+        deadline = time.monotonic() + self.linger_s
+        while not self._closing and len(self._buf) < self.batch_records and self._buf_bytes < self.batch_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
 
     def _write(self, batch: list) -> bool:
         try:
@@ -273,7 +349,7 @@ class ReplayMirror:
         self._registered = True
 
     def _add(self, pipe, record: tuple) -> None:
-        kind, gid, reason, payload, learner_version, ts = record
+        kind, gid, reason, payload, learner_version, ts, version, max_version = record
         keys = self.keys
         if kind == "reject":
             pipe.xadd(keys.events, {"kind": "reject", "reason": reason, "detail": payload, "learner_version": learner_version,
@@ -281,19 +357,15 @@ class ReplayMirror:
             pipe.hincrby(keys.rejects, reason, 1)
             pipe.hincrby(keys.meta, "rejected", 1)
             return
-        # The queue validated the group already: read only the small header and the versions
-        # frame here, since this thread shares the GIL with the queue.
         header = unpack_header(bytes(payload[0]))
-        versions = np.frombuffer(memoryview(payload[4]), dtype="<i4")
         lens, rewards = header["lens"], header["rewards"]
-        version = int(versions.min())
         reward = float(sum(rewards) / len(rewards))
         nbytes = sum(len(f) for f in payload)
         summary = {
             "status": "dropped" if kind == "drop" else "accepted",
             "reason": reason,
             "version": version,
-            "max_version": int(versions.max()),
+            "max_version": max_version,
             "learner_version": learner_version,
             "staleness": max(0, learner_version - version),
             "reward": reward,
@@ -312,6 +384,7 @@ class ReplayMirror:
             "ref": str(header.get("ref", "")),
             "timings": json.dumps(header.get("timings", {})),
             "ts" if kind == "accept" else "dropped_ts": ts,
+            "arrays": "kept" if len(payload) == len(FRAME_FIELDS) else "skipped",
         }
         fields.update({name: memoryview(frame) for name, frame in zip(FRAME_FIELDS, payload)})
         pipe.hset(keys.group(gid), mapping=fields)
@@ -325,6 +398,8 @@ class ReplayMirror:
                                                             "samples", "tokens", "task", "engine")}},
                   maxlen=self.maxlen, approximate=True)
         pipe.hincrby(keys.meta, "accepted" if kind == "accept" else "dropped", 1)
+        if fields["arrays"] == "skipped":
+            pipe.hincrby(keys.meta, "arrays_skipped", 1)
         if kind == "drop":
             pipe.hincrby(keys.drops, reason, 1)
 

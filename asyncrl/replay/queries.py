@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from asyncrl.protocol import TrajectoryGroup
-from asyncrl.replay.store import ReplayStore
+from asyncrl.replay.store import ArraysNotKept, ReplayStore
 
 
 @dataclass
@@ -96,6 +96,7 @@ def run_stats(store: ReplayStore, run: str, flt: Filter = Filter()) -> dict:
         "rejects": rejects,
         "mirror_lost": info["lost"],
         "trimmed": info["trimmed"],
+        "arrays_skipped": info["arrays_skipped"],
     }
 
 
@@ -149,6 +150,7 @@ class FeedResult:
     sent: int = 0
     duplicates: int = 0
     skipped_future: int = 0
+    skipped_no_arrays: int = 0
 
 
 def feed(store: ReplayStore, run: str, summaries: list[dict], producer, versions: str = "rebase",
@@ -164,7 +166,11 @@ def feed(store: ReplayStore, run: str, summaries: list[dict], producer, versions
     result = FeedResult()
     producer.hello("producer")  # once: each hello starts a new arena for large groups
     for summary in summaries:
-        group, _, _ = store.load_group(run, summary["id"])
+        try:
+            group, _, _ = store.load_group(run, summary["id"])
+        except ArraysNotKept:
+            result.skipped_no_arrays += 1
+            continue
         learner_version = int(producer.stats()["learner_version"])
         if versions == "rebase":
             rebase_versions(group, learner_version)

@@ -32,7 +32,7 @@ PROX_FIELD = "frame.prox_logprobs"
 
 SUMMARY_FIELDS = (
     "status", "reason", "seq", "version", "max_version", "learner_version", "staleness", "reward",
-    "samples", "tokens", "task", "engine", "ts", "nbytes", "lens",
+    "samples", "tokens", "task", "engine", "ts", "nbytes", "lens", "arrays",
 )
 """Plain-text group hash fields that `ls`, `stats` and `export` read without the frames."""
 
@@ -42,6 +42,14 @@ _NUMBERS = {"seq": int, "version": int, "max_version": int, "learner_version": i
 
 class ReplayError(RuntimeError):
     """A replay query that cannot be answered; the message says what to do."""
+
+
+class ArraysNotKept(ReplayError):
+    """The group was mirrored without its arrays (beyond replay.array_mib_per_s); `summary` is what is kept."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass(frozen=True)
@@ -215,7 +223,7 @@ class ReplayStore:
             "task": meta.get("task", ""),
             "tokenizer": meta.get("tokenizer", ""),
         }
-        for name in ("accepted", "dropped", "rejected", "lost", "trimmed"):
+        for name in ("accepted", "dropped", "rejected", "lost", "trimmed", "arrays_skipped"):
             info[name] = int(meta.get(name) or 0)
         return info
 
@@ -293,10 +301,13 @@ class ReplayStore:
         key = RunKeys(run).group(group_id)
         values = self.r.hmget(key, [*FRAME_FIELDS, PROX_FIELD, *SUMMARY_FIELDS])
         frames, prox, rest = values[: len(FRAME_FIELDS)], values[len(FRAME_FIELDS)], values[len(FRAME_FIELDS) + 1 :]
-        if any(f is None for f in frames):
+        summary = parse_summary(rest)
+        if summary is None or frames[0] is None:
             raise ReplayError(f"group {group_id!r} of run {run!r} is no longer stored (trimmed by retention or deleted)")
-        summary = parse_summary(rest) or {}
         summary["id"] = group_id
+        if any(f is None for f in frames):
+            raise ArraysNotKept(f"group {group_id!r} of run {run!r} was mirrored without its tokens and log-probs "
+                                "(its arrays were beyond replay.array_mib_per_s); `asyncrl replay ls` shows its summary", summary)
         return decode_group(frames), summary, prox
 
     def counts(self, run: str) -> tuple[dict[str, int], dict[str, int]]:
