@@ -224,7 +224,7 @@ def test_shutdown_drops_what_is_held_with_a_reason(queue_server):
     server = queue_server(groups_per_step=1)
     QueueProducer(server.address, "p", timeout_s=5).put_many([make_group(version=0) for _ in range(2)], ticketed=False)
     dropped = []
-    server.observers.append(type("Recorder", (), {"on_drop": lambda self, entry, reason: dropped.append(reason)})())
+    server.observers.append(type("Recorder", (), {"on_drop": lambda self, entry, reason: dropped.append(reason), "tick": lambda self, now: None})())
     time.sleep(0.05)
     assert server.drain() == 2
     assert dropped == ["shutdown", "shutdown"]

@@ -332,6 +332,9 @@ class Recorder:
     def on_reject(self, code: str, detail: str) -> None:
         pass
 
+    def tick(self, now: float) -> None:
+        pass
+
 
 def test_observers_keep_what_they_were_handed_after_its_region_is_written_again(queue, clients):
     served = queue()

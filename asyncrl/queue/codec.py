@@ -174,8 +174,8 @@ def _parse_fields(header, prompt_frame, tokens_frame, logprobs_frame, versions_f
     return header, lens, prompt, tokens, logprobs, versions
 
 
-def _check_arrays(group_id: str, prompt, tokens, logprobs, versions, vocab_size, max_version) -> int:
-    """Check one group's arrays; returns its behaviour version (the oldest token's)."""
+def _check_arrays(group_id: str, prompt, tokens, logprobs, versions, vocab_size, max_version) -> tuple[int, int]:
+    """Check one group's arrays; returns its behaviour version (the oldest token's) and its newest token's."""
     low, high = float(_MIN(logprobs)), float(_MAX(logprobs))
     if not (low > -math.inf and high < math.inf):  # NaN fails every comparison
         raise ProtocolError("bad_value", f"group {group_id}: behav_logprobs hold NaN or inf")
@@ -189,7 +189,7 @@ def _check_arrays(group_id: str, prompt, tokens, logprobs, versions, vocab_size,
         raise ProtocolError("bad_version", f"group {group_id}: negative version {oldest}")
     if max_version is not None and newest > max_version:
         raise ProtocolError("future_version", f"group {group_id}: version {newest} is newer than the learner's {max_version}")
-    return oldest
+    return oldest, newest
 
 
 _JOIN_LIMIT = 1 << 16
@@ -197,7 +197,7 @@ _JOIN_LIMIT = 1 << 16
 
 
 def _parse_many(frames: list, count: int, vocab_size: Optional[int], max_version: Optional[int]) -> list[tuple]:
-    """Validate `count` groups laid end to end; returns each one's parsed parts plus its behaviour version."""
+    """Validate `count` groups laid end to end; returns each one's parsed parts plus its oldest and newest version."""
     per = 1 + GROUP_FRAMES
     if len(frames) != count * per:
         raise ProtocolError("bad_frames", f"{count} group(s) need {count * per} frames, got {len(frames)}")
@@ -262,7 +262,8 @@ _INT_ONLY, _NUMBER, _STR_ONLY = frozenset([int]), frozenset([int, float]), froze
 
 def parse_packed(headers, plens, frames: list, count: int, vocab_size: Optional[int] = None,
                  max_version: Optional[int] = None, check: bool = True) -> list[tuple]:
-    """Validate a packed batch: per group (header, lens, prompt, tokens, logprobs, versions, behaviour version)."""
+    """Validate a packed batch: per group (header, lens, prompt, tokens, logprobs, versions, behaviour version,
+    newest version)."""
     parts = _split_packed(headers, plens, frames, count)
     parsed = []
     for i, part in enumerate(parts):
@@ -276,7 +277,7 @@ def parse_packed(headers, plens, frames: list, count: int, vocab_size: Optional[
         except ProtocolError as exc:
             raise _where(exc, i, count) from None
     if not check:
-        return [(*p, None) for p in parsed]
+        return [(*p, None, None) for p in parsed]
     return _check_parsed(parsed, vocab_size, max_version)
 
 
@@ -308,7 +309,7 @@ def decode_packed(headers, plens, frames: list, count: int, vocab_size: Optional
 
 
 def _check_parsed(parsed: list, vocab_size: Optional[int], max_version: Optional[int]) -> list[tuple]:
-    """Array checks of parsed groups; returns each one's parts plus its behaviour version.
+    """Array checks of parsed groups; returns each one's parts plus its behaviour (oldest) and newest version.
 
     For small groups the checks run once over all groups joined (a few numpy calls per message
     instead of a few per group, which is what makes small groups fast); only when that finds a
@@ -319,7 +320,7 @@ def _check_parsed(parsed: list, vocab_size: Optional[int], max_version: Optional
         checked = []
         for i, p in enumerate(parsed):
             try:
-                checked.append((*p, _check_arrays(p[0]["id"], *p[2:], vocab_size, max_version)))
+                checked.append((*p, *_check_arrays(p[0]["id"], *p[2:], vocab_size, max_version)))
             except ProtocolError as exc:
                 raise _where(exc, i, count) from None
         return checked
@@ -328,6 +329,7 @@ def _check_parsed(parsed: list, vocab_size: Optional[int], max_version: Optional
     starts = np.cumsum([0] + [len(p[5]) for p in parsed[:-1]])
     try:
         oldest = np.minimum.reduceat(versions, starts).tolist()
+        newest = np.maximum.reduceat(versions, starts).tolist()
         _check_arrays("", prompts, tokens, logprobs, versions, vocab_size, max_version)
     except ProtocolError:
         for i, p in enumerate(parsed):
@@ -336,7 +338,7 @@ def _check_parsed(parsed: list, vocab_size: Optional[int], max_version: Optional
             except ProtocolError as exc:
                 raise _where(exc, i, count) from None
         raise
-    return [(*p, v) for p, v in zip(parsed, oldest)]
+    return [(*p, o, n) for p, o, n in zip(parsed, oldest, newest)]
 
 
 def _where(exc: ProtocolError, index: int, count: int) -> ProtocolError:
@@ -344,8 +346,8 @@ def _where(exc: ProtocolError, index: int, count: int) -> ProtocolError:
 
 
 def parse_groups(frames: list, count: int, vocab_size: Optional[int] = None, max_version: Optional[int] = None):
-    """Validate `count` groups laid end to end: [(decoded group header, behaviour version)]."""
-    return [(p[0], p[6]) for p in _parse_many(frames, count, vocab_size, max_version)]
+    """Validate `count` groups laid end to end: [(decoded group header, behaviour version, newest version)]."""
+    return [(p[0], p[6], p[7]) for p in _parse_many(frames, count, vocab_size, max_version)]
 
 
 def inspect_groups(frames: list, count: int, vocab_size: Optional[int] = None, max_version: Optional[int] = None):

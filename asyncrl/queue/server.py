@@ -130,6 +130,8 @@ class QueueServer(ConsumerSide):
             now = time.monotonic()
             if now >= next_expiry:
                 self.expire_leases(now)
+                for obs in self.observers:
+                    obs.tick(now)
                 next_expiry = now + 0.05
             if self._parked:
                 self.wake_parked(now)
@@ -297,18 +299,18 @@ class QueueServer(ConsumerSide):
                 parts = parse_packed(header.get("headers"), header.get("plens"), frames, count,
                                      self.settings.vocab_size, self.learner_version)
                 # Copied out of the message so that each group's memory is freed when it settles.
-                groups = [(p[0], p[6], None, [a.tobytes() for a in p[2:6]]) for p in parts]
+                groups = [(p[0], p[6:8], None, [a.tobytes() for a in p[2:6]]) for p in parts]
             else:
                 checked = parse_groups(frames, count, self.settings.vocab_size, self.learner_version)
-                groups = [(h, version, frames[i * _PER_GROUP], frames[i * _PER_GROUP + 1 : (i + 1) * _PER_GROUP])
-                          for i, (h, version) in enumerate(checked)]
+                groups = [(h, (oldest, newest), frames[i * _PER_GROUP], frames[i * _PER_GROUP + 1 : (i + 1) * _PER_GROUP])
+                          for i, (h, oldest, newest) in enumerate(checked)]
         except ProtocolError:
             # The whole message is refused; the producer will not resend it, so its tickets are spent.
             for _ in range(count):
                 self.admission.settle(accepted=False, ticketed=ticketed, engine=engine, now=now)
             raise
-        statuses = [self._accept(h, version, hframe, arrays, ticketed, engine, now, (arena, region))
-                    for (h, version, hframe, arrays), region in zip(groups, regions)]
+        statuses = [self._accept(h, versions, hframe, arrays, ticketed, engine, now, (arena, region))
+                    for (h, versions, hframe, arrays), region in zip(groups, regions)]
         reply = {"ok": True, "statuses": statuses, "accepted": statuses.count("accepted")} if batched else {"ok": True, "status": statuses[0]}
         reply["instance"] = self.instance
         if arena is not None:
@@ -350,8 +352,9 @@ class QueueServer(ConsumerSide):
         granted = 0 if self.closed or version > self.learner_version else self.admission.grant(version, want, engine, now)
         return {"granted": granted, "learner_version": self.learner_version, "closed": self.closed}
 
-    def _accept(self, header: dict, behaviour_version: int, header_frame, arrays: list, ticketed: bool, engine: str,
+    def _accept(self, header: dict, versions: tuple[int, int], header_frame, arrays: list, ticketed: bool, engine: str,
                 now: float, where: tuple = (None, None)) -> str:
+        """`versions`: the group's oldest (its behaviour version) and newest token versions."""
         gid = header["id"]
         arena, region = where
         if self._known(gid):
@@ -368,7 +371,7 @@ class QueueServer(ConsumerSide):
                 self.shm.unused(arena.name, region[0])
             return "wait"
         self.admission.settle(accepted=True, ticketed=ticketed, engine=engine, now=now)
-        entry = Entry(gid, header, list(arrays), nbytes, behaviour_version, header_frame)
+        entry = Entry(gid, header, list(arrays), nbytes, versions[0], header_frame, newest_version=versions[1])
         if region is not None:
             entry.region = (arena.name, region[0], [len(a) for a in arrays])
             self.shm.hold(arena, region[0])

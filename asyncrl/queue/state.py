@@ -14,11 +14,13 @@ from asyncrl.queue.codec import pack
 
 class QueueObserver(Protocol):
     """Sees the queue's decisions; must not block (the replay mirror buffers and returns). An entry's
-    arrays may be views on a producer's arena: anything kept past the call takes `stable_frames()`."""
+    arrays may be views on a producer's arena: anything kept past the call takes `stable_frames()`.
+    `tick` is called from the queue's loop about every 50 ms (an observer batching its sends sends then)."""
 
     def on_accept(self, entry: "Entry") -> None: ...
     def on_drop(self, entry: "Entry", reason: str) -> None: ...
     def on_reject(self, code: str, detail: str) -> None: ...
+    def tick(self, now: float) -> None: ...
 
 
 @dataclass
@@ -32,6 +34,8 @@ class Entry:
     header_frame: Optional[bytes] = None
     region: Optional[tuple[str, int, list]] = None
     """(arena, offset, sizes) when the arrays are views on a producer's arena (see shm.py), else None."""
+    newest_version: Optional[int] = None
+    """The newest token's version (the queue's checks find it; observers record it)."""
 
     @property
     def frames(self) -> list:
