@@ -269,7 +269,7 @@ class ReplayConfig(Section):
     """Most mirror records waiting to be written; beyond it records are lost and counted, the queue never waits."""
     buffer_bytes: int = Field(256 << 20, ge=1 << 20)
     """Most payload bytes waiting to be written; beyond it records are lost and counted."""
-    array_mib_per_s: Optional[float] = Field(64.0, gt=0)
+    array_mib_per_s: Optional[float] = Field(16.0, gt=0)
     """Most array bytes (tokens, log-probs, versions) mirrored per second, in MiB; a group beyond it is mirrored without its arrays (summary, rewards and lengths kept; counted as arrays_skipped), so the mirror never costs the queue more than Redis can take. null: every group's arrays."""
 
 

@@ -30,27 +30,69 @@ from asyncrl.replay.store import FRAME_FIELDS, RUNS_KEY, ReplayStore, RunKeys, c
 
 log = logging.getLogger("asyncrl.replay")
 
-# Indexes a group the first time it is written (a drop of an already mirrored group only updates
-# its fields), then deletes the oldest groups while the run is over its group or byte limit.
-# Group keys are built inside the script, so the layout needs a single Redis, not a cluster.
-_INDEX_AND_TRIM = """
-local meta, by_seq, by_version, by_reward = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local gid = ARGV[1]
-if redis.call('HSETNX', KEYS[1], 'indexed', '1') == 1 then
-  local seq = redis.call('HINCRBY', meta, 'seq', 1)
-  redis.call('HSET', KEYS[1], 'seq', seq)
-  redis.call('ZADD', by_seq, seq, gid)
-  redis.call('ZADD', by_version, ARGV[2], gid)
-  redis.call('ZADD', by_reward, ARGV[3], gid)
-  redis.call('HINCRBY', meta, 'bytes', ARGV[4])
+# Writes one batch of records in one call, so a batch costs one command to pack and one reply to
+# read whatever it holds. ARGV: now, lost, maxlen, max_bytes, group key prefix, run, then records:
+#   'r', code, detail, learner_version, ts                                        (a reject)
+#   'g', kind, gid, kept (1/0), version, reward, nbytes, n, n status pairs,
+#        m, m content pairs, e, e event pairs                                      (a group)
+# A group is indexed the first time it is written; a later record of it (a drop of an accepted
+# group) updates its status, and its content only if it carries arrays. Then the oldest groups
+# are deleted while the run is over its group or byte limit. Group keys are built inside the
+# script, so the layout needs a single Redis, not a cluster.
+_WRITE_BATCH = """
+local meta, by_seq, by_version, by_reward, events, drops, rejects, runs = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local now, maxlen, max_bytes, prefix = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local i = 7
+local function pairs_at()
+  local n = tonumber(ARGV[i])
+  local t = {}
+  for j = 1, n * 2 do t[j] = ARGV[i + j] end
+  i = i + n * 2 + 1
+  return t
 end
-local maxlen, max_bytes = tonumber(ARGV[5]), tonumber(ARGV[6])
+local count = {accept = 0, drop = 0, reject = 0, skipped = 0}
+while i <= #ARGV do
+  if ARGV[i] == 'r' then
+    local code = ARGV[i + 1]
+    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'reject', 'reason', code, 'detail', ARGV[i + 2],
+               'learner_version', ARGV[i + 3], 'ts', ARGV[i + 4])
+    redis.call('HINCRBY', rejects, code, 1)
+    count.reject = count.reject + 1
+    i = i + 5
+  else
+    local kind, gid, kept, version, reward, nbytes = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
+    i = i + 7
+    local status, content, event = pairs_at(), pairs_at(), pairs_at()
+    local key = prefix .. gid
+    local new = redis.call('EXISTS', key) == 0
+    if new then
+      local seq = redis.call('HINCRBY', meta, 'seq', 1)
+      redis.call('HSET', key, 'seq', seq, unpack(status))
+      redis.call('HSET', key, unpack(content))
+      redis.call('ZADD', by_seq, seq, gid)
+      redis.call('ZADD', by_version, version, gid)
+      redis.call('ZADD', by_reward, reward, gid)
+      redis.call('HINCRBY', meta, 'bytes', nbytes)
+    else
+      redis.call('HSET', key, unpack(status))
+      if kept == '1' then redis.call('HSET', key, unpack(content)) end
+    end
+    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', kind, 'group', gid, unpack(event))
+    if kind == 'drop' then redis.call('HINCRBY', drops, status[4], 1) end
+    count[kind] = count[kind] + 1
+    if kept == '0' then count.skipped = count.skipped + 1 end
+  end
+end
+if count.accept > 0 then redis.call('HINCRBY', meta, 'accepted', count.accept) end
+if count.drop > 0 then redis.call('HINCRBY', meta, 'dropped', count.drop) end
+if count.reject > 0 then redis.call('HINCRBY', meta, 'rejected', count.reject) end
+if count.skipped > 0 then redis.call('HINCRBY', meta, 'arrays_skipped', count.skipped) end
 local n = redis.call('ZCARD', by_seq)
 local bytes = tonumber(redis.call('HGET', meta, 'bytes') or '0')
 local trimmed = 0
 while n > maxlen or (bytes > max_bytes and n > 1) do
   local old = redis.call('ZPOPMIN', by_seq)[1]
-  local key = ARGV[7] .. old
+  local key = prefix .. old
   bytes = bytes - tonumber(redis.call('HGET', key, 'nbytes') or '0')
   redis.call('UNLINK', key)
   redis.call('ZREM', by_version, old)
@@ -58,8 +100,9 @@ while n > maxlen or (bytes > max_bytes and n > 1) do
   n = n - 1
   trimmed = trimmed + 1
 end
-redis.call('HSET', meta, 'bytes', bytes)
 if trimmed > 0 then redis.call('HINCRBY', meta, 'trimmed', trimmed) end
+redis.call('HSET', meta, 'bytes', bytes, 'last_ts', now, 'lost', ARGV[2])
+redis.call('ZADD', runs, now, ARGV[6])
 return n
 """
 
@@ -85,7 +128,7 @@ def settings_from_config(cfg) -> dict:
 class MirrorObserver:
     """The QueueObserver half of a mirror: turns the queue's decisions into records and hands each
     to `offer` (a buffer in this process, or a writer process). Runs on the queue's thread, so it
-    reads no arrays except the versions' newest, and copies arrays only within the array budget."""
+    reads no arrays, and copies them only within the array budget."""
 
     budget: "ArrayBudget"
     _learner_version: Callable[[], int]
@@ -101,6 +144,9 @@ class MirrorObserver:
 
     def offer(self, record: tuple, nbytes: int) -> None:
         raise NotImplementedError
+
+    def tick(self, now: float) -> None:
+        """The queue's periodic call; records are handed on as they come, so nothing to do."""
 
 
 class ArrayBudget:
@@ -129,8 +175,9 @@ class ArrayBudget:
 def group_record(kind: str, entry, reason: str, learner_version: int, budget: ArrayBudget) -> tuple[tuple, int]:
     """(record, bytes it holds) for an accepted or dropped queue Entry. Arrays living in a producer's
     arena are copied (the region is reused once the group settles); over budget, only the header."""
-    versions = np.frombuffer(entry.arrays[3], dtype="<i4")
-    newest = int(versions.max()) if len(versions) else entry.behaviour_version
+    newest = entry.newest_version
+    if newest is None:  # an Entry built outside the queue's checks
+        newest = int(np.frombuffer(entry.arrays[3], dtype="<i4").max())
     frames = entry.stable_frames() if budget.take(sum(len(a) for a in entry.arrays)) else entry.frames[:1]
     record = (kind, entry.group_id, reason, frames, learner_version, time.time(), entry.behaviour_version, newest)
     return record, sum(len(f) for f in frames)
@@ -173,7 +220,7 @@ class ReplayMirror(MirrorObserver):
         self._learner_version = learner_version
         self.budget = ArrayBudget(array_bytes_per_s)
         self._r = connect(url)  # connects lazily: no I/O on the caller's thread
-        self._index = self._r.register_script(_INDEX_AND_TRIM)
+        self._script = self._r.register_script(_WRITE_BATCH)
         self._cond = threading.Condition()
         self._buf: deque = deque()
         self._buf_bytes = 0
@@ -312,13 +359,12 @@ class ReplayMirror(MirrorObserver):
         try:
             if not self._registered:
                 self._register()
-            pipe = self._r.pipeline(transaction=True)
+            keys = self.keys
+            args = [time.time(), self.lost, self.maxlen, self.max_bytes, keys.group_prefix, self.run]
             for record in batch:
-                self._add(pipe, record)
-            now = time.time()
-            pipe.hset(self.keys.meta, mapping={"last_ts": now, "lost": self.lost})
-            pipe.zadd(RUNS_KEY, {self.run: now})
-            pipe.execute()
+                args += _reject_args(record) if record[0] == "reject" else _group_args(record)
+            self._script(keys=[keys.meta, keys.by_seq, keys.by_version, keys.by_reward, keys.events, keys.drops,
+                               keys.rejects, RUNS_KEY], args=args)
         except (redis.RedisError, OSError) as exc:
             self._registered = False  # a restarted Redis may have lost the run's meta hash
             self._failing = True
@@ -348,61 +394,6 @@ class ReplayMirror(MirrorObserver):
             store.delete_run(old)
         self._registered = True
 
-    def _add(self, pipe, record: tuple) -> None:
-        kind, gid, reason, payload, learner_version, ts, version, max_version = record
-        keys = self.keys
-        if kind == "reject":
-            pipe.xadd(keys.events, {"kind": "reject", "reason": reason, "detail": payload, "learner_version": learner_version,
-                                    "ts": ts}, maxlen=self.maxlen, approximate=True)
-            pipe.hincrby(keys.rejects, reason, 1)
-            pipe.hincrby(keys.meta, "rejected", 1)
-            return
-        header = unpack_header(bytes(payload[0]))
-        lens, rewards = header["lens"], header["rewards"]
-        reward = float(sum(rewards) / len(rewards))
-        nbytes = sum(len(f) for f in payload)
-        summary = {
-            "status": "dropped" if kind == "drop" else "accepted",
-            "reason": reason,
-            "version": version,
-            "max_version": max_version,
-            "learner_version": learner_version,
-            "staleness": max(0, learner_version - version),
-            "reward": reward,
-            "samples": len(lens),
-            "tokens": int(sum(lens)),
-            "task": str(header.get("task", "")),
-            "engine": str(header.get("engine", "")),
-            "nbytes": nbytes,
-        }
-        fields = {
-            **summary,
-            "rewards": json.dumps(rewards),
-            "lens": json.dumps(lens),
-            "finish": json.dumps(header["finish"]),
-            "seed": int(header.get("seed", 0)),
-            "ref": str(header.get("ref", "")),
-            "timings": json.dumps(header.get("timings", {})),
-            "ts" if kind == "accept" else "dropped_ts": ts,
-            "arrays": "kept" if len(payload) == len(FRAME_FIELDS) else "skipped",
-        }
-        fields.update({name: memoryview(frame) for name, frame in zip(FRAME_FIELDS, payload)})
-        pipe.hset(keys.group(gid), mapping=fields)
-        self._index(
-            keys=[keys.group(gid), keys.meta, keys.by_seq, keys.by_version, keys.by_reward],
-            args=[gid, version, reward, nbytes, self.maxlen, self.max_bytes, keys.group_prefix],
-            client=pipe,
-        )
-        pipe.xadd(keys.events, {"kind": kind, "group": gid, "ts": ts,
-                                **{k: summary[k] for k in ("reason", "version", "learner_version", "staleness", "reward",
-                                                            "samples", "tokens", "task", "engine")}},
-                  maxlen=self.maxlen, approximate=True)
-        pipe.hincrby(keys.meta, "accepted" if kind == "accept" else "dropped", 1)
-        if fields["arrays"] == "skipped":
-            pipe.hincrby(keys.meta, "arrays_skipped", 1)
-        if kind == "drop":
-            pipe.hincrby(keys.drops, reason, 1)
-
     def _persist_lost(self) -> None:
         """Best-effort final write of the lost count, so `asyncrl replay runs` shows it."""
         if not self.lost:
@@ -411,3 +402,47 @@ class ReplayMirror(MirrorObserver):
             self._r.hset(self.keys.meta, "lost", self.lost)
         except (redis.RedisError, OSError):
             pass  # Redis is gone; the count is in stats() and the log
+
+
+_EVENT_FIELDS = ("reason", "version", "learner_version", "staleness", "reward", "samples", "tokens", "task", "engine")
+
+
+def _reject_args(record: tuple) -> list:
+    _, _, code, detail, learner_version, ts, _, _ = record
+    return ["r", code, detail, learner_version, ts]
+
+
+def _group_args(record: tuple) -> list:
+    """A group record as _WRITE_BATCH's arguments: its hash fields (docs/replay.md) and its event."""
+    kind, gid, reason, payload, learner_version, ts, version, max_version = record
+    header = unpack_header(bytes(payload[0]))
+    lens, rewards = header["lens"], header["rewards"]
+    reward = float(sum(rewards) / len(rewards))
+    nbytes = sum(len(f) for f in payload)
+    kept = len(payload) == len(FRAME_FIELDS)
+    staleness = max(0, learner_version - version)
+    status = ["status", "dropped" if kind == "drop" else "accepted", "reason", reason, "learner_version", learner_version,
+              "staleness", staleness, "ts" if kind == "accept" else "dropped_ts", ts]
+    content = {
+        "version": version,
+        "max_version": max_version,
+        "reward": reward,
+        "samples": len(lens),
+        "tokens": int(sum(lens)),
+        "task": str(header.get("task", "")),
+        "engine": str(header.get("engine", "")),
+        "nbytes": nbytes,
+        "rewards": json.dumps(rewards),
+        "lens": json.dumps(lens),
+        "finish": json.dumps(header["finish"]),
+        "seed": int(header.get("seed", 0)),
+        "ref": str(header.get("ref", "")),
+        "timings": json.dumps(header.get("timings", {})),
+        "arrays": "kept" if kept else "skipped",
+    }
+    content.update({name: memoryview(frame) for name, frame in zip(FRAME_FIELDS, payload)})
+    summary = {**content, "reason": reason, "learner_version": learner_version, "staleness": staleness}
+    event = [x for k in _EVENT_FIELDS for x in (k, summary[k])] + ["ts", ts]
+    return ["g", kind, gid, 1 if kept else 0, version, reward, nbytes,
+            len(status) // 2, *status, len(content), *[x for item in content.items() for x in item],
+            len(event) // 2, *event]

@@ -26,8 +26,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import msgpack
 import zmq
@@ -37,6 +38,8 @@ from asyncrl.replay.mirror import ArrayBudget, MirrorObserver, ReplayMirror, set
 log = logging.getLogger("asyncrl.replay")
 
 REPORT_EVERY_S = 0.2
+BATCH_RECORDS = 64
+BATCH_BYTES = 16 << 20
 
 
 def _pack(obj) -> bytes:
@@ -57,7 +60,7 @@ class MirrorProcess(MirrorObserver):
         self._dir = tempfile.mkdtemp(prefix="asyncrl-mirror-")  # 0700: only this user can connect
         ctx = zmq.Context.instance()
         self._out = ctx.socket(zmq.PUSH)
-        self._out.setsockopt(zmq.SNDHWM, buffer)
+        self._out.setsockopt(zmq.SNDHWM, max(1, buffer // BATCH_RECORDS))  # messages of up to BATCH_RECORDS
         self._out.setsockopt(zmq.LINGER, 0)
         # Connecting (the writer binds) makes ZeroMQ queue records while no writer is there, so
         # the ones offered while a dead writer is replaced wait for the new one.
@@ -77,6 +80,11 @@ class MirrorProcess(MirrorObserver):
         self._next_check = 0.0
         self._closed: Optional[dict] = None
         self._closing = False
+        self._accepting = True
+        self._lock = threading.Lock()
+        self._heads: list = []
+        self._frames: list = []
+        self._pending_bytes = 0
         self._start()
         self._wait_started(start_timeout_s)
 
@@ -103,24 +111,43 @@ class MirrorProcess(MirrorObserver):
     # -- on the queue's thread ----------------------------------------------------------------
 
     def offer(self, record: tuple, nbytes: int) -> None:
-        if self._closed is not None:
-            self.lost_socket_full += 1
-            return
         kind, gid, reason, payload, learner_version, ts, version, max_version = record
-        head = _pack([kind, gid, reason, learner_version, ts, version, max_version])
-        try:
-            if kind == "reject":
-                self._out.send_multipart([head, payload.encode()], zmq.NOBLOCK)
-            else:
-                # Arena views were copied by group_record (stable_frames); other frames are immutable.
-                self._out.send_multipart([head, *payload], zmq.NOBLOCK, copy=nbytes < (64 << 10))
-            self.sent += 1
-        except zmq.Again:
-            self.lost_socket_full += 1
-        now = time.monotonic()
+        if kind == "reject":
+            head, frames = [kind, gid, reason, learner_version, ts, 0, 0, payload, 0], ()
+        elif len(payload) == 1:  # the group's header only: inline
+            head, frames = [kind, gid, reason, learner_version, ts, version, max_version, bytes(payload[0]), 0], ()
+        else:
+            # Arena views were copied by group_record (stable_frames); other frames are immutable.
+            head, frames = [kind, gid, reason, learner_version, ts, version, max_version, None, len(payload)], payload
+        with self._lock:
+            if not self._accepting:
+                self.lost_socket_full += 1
+                return
+            self._heads.append(head)
+            self._frames.extend(frames)
+            self._pending_bytes += nbytes
+            if len(self._heads) >= BATCH_RECORDS or self._pending_bytes >= BATCH_BYTES:
+                self._send()
+
+    def tick(self, now: float) -> None:
+        """From the queue's loop (every 50 ms or so): send what is batched; restart a dead writer."""
+        with self._lock:
+            if self._heads:
+                self._send()
         if now >= self._next_check:
             self._next_check = now + self.restart_backoff_s
             self._check_writer()
+
+    def _send(self) -> None:
+        """One message for the batched records (holding the lock): a send per record would cost the
+        queue's thread more than building the records."""
+        count = len(self._heads)
+        try:
+            self._out.send_multipart([_pack(self._heads), *self._frames], zmq.NOBLOCK, copy=False)
+            self.sent += count
+        except zmq.Again:
+            self.lost_socket_full += count
+        self._heads, self._frames, self._pending_bytes = [], [], 0
 
     def _check_writer(self) -> None:
         if self._closing or self._proc is None or self._proc.poll() is None:
@@ -169,6 +196,9 @@ class MirrorProcess(MirrorObserver):
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until the writer has written or lost everything sent; False on timeout."""
+        with self._lock:
+            if self._heads:
+                self._send()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self._drain_reports()
@@ -183,10 +213,14 @@ class MirrorProcess(MirrorObserver):
         if self._closed is not None:
             return dict(self._closed)
         self._closing = True  # no writer is started again from here on
+        with self._lock:
+            if self._heads:
+                self._send()
+            self._accepting = False  # later records count as lost
         deadline = time.monotonic() + timeout_s
         if self._proc.poll() is None:
             try:
-                self._out.send(_pack(["close", "", "", 0, 0.0, 0, self.lost_socket_full]), zmq.NOBLOCK)
+                self._out.send(_pack({"close": self.lost_socket_full}), zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the socket is full: the writer is stuck; it is killed below
             try:
@@ -214,11 +248,17 @@ class MirrorProcess(MirrorObserver):
 # -- the writer process ------------------------------------------------------------------------
 
 
-def _record(head: list, frames: list) -> tuple[tuple, int]:
-    kind, gid, reason, learner_version, ts, version, max_version = head
-    if kind == "reject":
-        return ("reject", "", reason, frames[0].decode(), learner_version, ts, 0, 0), 0
-    return (kind, gid, reason, frames, learner_version, ts, version, max_version), sum(len(f) for f in frames)
+def _records(heads: list, frames: list) -> Iterator[tuple[tuple, int]]:
+    """(record, bytes) of each batched head: a reject's detail or a group's header frame inline, or
+    the count of the group's frames that follow in the message."""
+    at = 0
+    for kind, gid, reason, learner_version, ts, version, max_version, last, count in heads:
+        if kind == "reject":
+            yield ("reject", "", reason, last, learner_version, ts, 0, 0), 0
+            continue
+        payload = [last] if count == 0 else frames[at : at + count]
+        at += count
+        yield (kind, gid, reason, payload, learner_version, ts, version, max_version), sum(len(f) for f in payload)
 
 
 def serve(spec: dict) -> None:
@@ -240,12 +280,13 @@ def serve(spec: dict) -> None:
     while True:
         if records.poll(int(REPORT_EVERY_S * 1000)):
             frames = records.recv_multipart()
-            head = msgpack.unpackb(frames[0], raw=False)
-            if head[0] == "close":
-                mirror.lost_upstream = head[6]  # lost before reaching this process: persisted with the run's count
+            heads = msgpack.unpackb(frames[0], raw=False)
+            if isinstance(heads, dict):  # {"close": records lost before reaching this process}
+                mirror.lost_upstream = heads["close"]  # persisted with the run's count
                 break
-            received += 1
-            mirror.offer(*_record(head, frames[1:]))
+            for record, nbytes in _records(heads, frames[1:]):
+                received += 1
+                mirror.offer(record, nbytes)
         if os.getppid() != spec["parent"]:
             log.warning("replay mirror: the learner is gone; writing what is buffered and stopping")
             break
@@ -261,6 +302,9 @@ def serve(spec: dict) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the learner closes us
+    # The mirror is best-effort: it takes only CPU time the learner leaves (a writer that falls
+    # behind fills its bounded buffers, and what they cannot take is counted as lost).
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s replay-writer %(message)s")
     serve(json.loads(sys.stdin.read()))
 
