@@ -113,7 +113,7 @@ def run_once(groups: int, group_mib: float, samples: int, redis_url: str | None,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", dest="json_out", default=None, help="Write the results here as JSON.")
-    parser.add_argument("--groups", type=int, default=200, help="Groups per measurement.")
+    parser.add_argument("--groups", type=int, default=2000, help="Groups per measurement.")
     parser.add_argument("--group-mib", type=float, default=1.0, help="Size of one group in MiB.")
     parser.add_argument("--samples", type=int, default=8, help="Samples per group.")
     parser.add_argument("--repeats", type=int, default=5, help="Measurements per configuration (median reported).")

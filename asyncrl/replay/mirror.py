@@ -1,16 +1,19 @@
 """The replay mirror: a queue observer that copies every accepted, dropped and rejected group to Redis.
 
-The queue calls `on_accept`/`on_drop`/`on_reject` on its own thread, so those only append a
-record to a bounded buffer and return: no Redis I/O, no decoding, and a copy of the arrays only
-when they live in a producer's arena. Array bytes are mirrored up to `array_bytes_per_s`; a group
-beyond that budget is mirrored without its arrays (its summary, rewards and lengths are kept, its
-hash says `arrays: skipped`), so that a queue moving a GB/s cannot make the mirror cost it more
-than Redis can take. A background thread decodes the summary fields and writes batches in one
-MULTI/EXEC pipeline each, lingering up to `linger_s` to fill a batch. When the buffer is full (Redis slow or gone) a record is lost and counted; when a
-batch fails after redis-py's own retries, its records are lost and counted. The counts are in
-`stats()`, in the log, and in the run's meta hash once Redis answers again. Retention (groups and
-bytes per run, runs in total) is enforced by a Lua script at every write, so nothing grows
-without bound. Must never block the queue or raise into it.
+`MirrorObserver` is the queue's side: `on_accept`/`on_drop`/`on_reject` run on the queue's thread
+and only build a record (no Redis I/O, no decoding; arrays copied only when they live in a
+producer's arena and fit the array budget) and hand it to `offer`. Array bytes are mirrored up to
+`array_bytes_per_s`; a group beyond that budget is mirrored without its arrays (its summary,
+rewards and lengths are kept, its hash says `arrays: skipped`), so that a queue moving a GB/s
+cannot make the mirror cost it more than Redis can take.
+
+`ReplayMirror` is the writer: a bounded buffer and a thread that writes batches (lingering up to
+`linger_s` to fill one) with one Lua call each, which also enforces retention (groups and bytes
+per run), so nothing grows without bound. When the buffer is full (Redis slow or gone) a record is
+lost and counted; when a batch fails after redis-py's own retries, its records are lost and
+counted. The counts are in `stats()`, in the log, and in the run's meta hash once Redis answers
+again. The learner runs it in a process of its own (process.py); as an observer in the calling
+process it serves tools and tests. Must never block the queue or raise into it.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ local function pairs_at()
   return t
 end
 local count = {accept = 0, drop = 0, reject = 0, skipped = 0}
+local seq = tonumber(redis.call('HGET', meta, 'seq') or '0')
+local bytes = tonumber(redis.call('HGET', meta, 'bytes') or '0')
 while i <= #ARGV do
   if ARGV[i] == 'r' then
     local code = ARGV[i + 1]
@@ -66,13 +71,13 @@ while i <= #ARGV do
     local key = prefix .. gid
     local new = redis.call('EXISTS', key) == 0
     if new then
-      local seq = redis.call('HINCRBY', meta, 'seq', 1)
+      seq = seq + 1
       redis.call('HSET', key, 'seq', seq, unpack(status))
       redis.call('HSET', key, unpack(content))
       redis.call('ZADD', by_seq, seq, gid)
       redis.call('ZADD', by_version, version, gid)
       redis.call('ZADD', by_reward, reward, gid)
-      redis.call('HINCRBY', meta, 'bytes', nbytes)
+      bytes = bytes + tonumber(nbytes)
     else
       redis.call('HSET', key, unpack(status))
       if kept == '1' then redis.call('HSET', key, unpack(content)) end
@@ -88,7 +93,6 @@ if count.drop > 0 then redis.call('HINCRBY', meta, 'dropped', count.drop) end
 if count.reject > 0 then redis.call('HINCRBY', meta, 'rejected', count.reject) end
 if count.skipped > 0 then redis.call('HINCRBY', meta, 'arrays_skipped', count.skipped) end
 local n = redis.call('ZCARD', by_seq)
-local bytes = tonumber(redis.call('HGET', meta, 'bytes') or '0')
 local trimmed = 0
 while n > maxlen or (bytes > max_bytes and n > 1) do
   local old = redis.call('ZPOPMIN', by_seq)[1]
@@ -101,7 +105,7 @@ while n > maxlen or (bytes > max_bytes and n > 1) do
   trimmed = trimmed + 1
 end
 if trimmed > 0 then redis.call('HINCRBY', meta, 'trimmed', trimmed) end
-redis.call('HSET', meta, 'bytes', bytes, 'last_ts', now, 'lost', ARGV[2])
+redis.call('HSET', meta, 'seq', seq, 'bytes', bytes, 'last_ts', now, 'lost', ARGV[2])
 redis.call('ZADD', runs, now, ARGV[6])
 return n
 """
