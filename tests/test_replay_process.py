@@ -8,7 +8,7 @@ import time
 
 from click.testing import CliRunner
 
-from asyncrl.queue.client import QueueProducer
+from asyncrl.queue.client import QueueConsumer, QueueProducer
 from asyncrl.queue.codec import encode_group
 from asyncrl.replay.cli import replay
 from asyncrl.replay.mirror import ReplayMirror
@@ -139,3 +139,25 @@ def test_groups_beyond_the_array_budget_keep_their_summary_without_arrays(redis_
     result = feed(store, "r1", list(store.summaries("r1", store.group_ids("r1"))), producer)
     producer.close()
     assert (result.sent, result.skipped_no_arrays) == (3, 7) and server.snapshot()["accepted"] == 3
+
+
+def test_redis_killed_mid_run_leaves_training_unaffected_and_the_writer_counts_the_losses(queue_server, redis_server):
+    server = queue_server(groups_per_step=1)
+    mirror = MirrorProcess(redis_server.url, "r1", learner_version=lambda: server.learner_version)
+    server.observers.append(mirror)  # the queue's loop ticks it: batches go to the writer every 50 ms
+    producer = QueueProducer(server.address, "p0", timeout_s=5)
+    consumer = QueueConsumer(server.address, "c0", vocab_size=32, timeout_s=5)
+    trained = 0
+    for i in range(10):
+        if i == 5:
+            assert mirror.flush(10)
+            redis_server.kill()
+        producer.put(make_group(version=0), ticketed=False)
+        lease, _ = consumer.get_batch(version=0, groups=1, timeout_s=5)
+        trained += consumer.ack(lease)
+    assert trained == 10 and consumer.stats()["accepted"] == 10
+    assert mirror.flush(30)  # the writer gave up on Redis for those 5 (redis-py's retries first)
+    stats = mirror.close(timeout_s=10)
+    producer.close()
+    consumer.close()
+    assert (stats["written"], stats["lost"]) == (5, 5) and stats["lost_redis"] == 5
