@@ -7,7 +7,9 @@ background thread owns a ROUTER socket and answers two requests:
 - ``fetch`` {have, running, engine, transport}: 'unchanged' (with the learner's newest version,
   which engines use for their staleness gate), or the manifest followed by one message per bucket
   (``zmq``), or the manifest and the shared-memory file to map (``shm``), or the manifest and one
-  cross-process tensor handle per bucket (``ipc``, reduced anew for each fetch: see weights/ipc.py).
+  cross-process tensor handle per bucket (``ipc``, reduced anew for each fetch: see weights/ipc.py;
+  only to an engine whose ``host`` is the learner's and whose ``gpus`` include the buckets' GPU,
+  others get ``zmq``).
   Engines in a gloo/nccl group get the data pushed by `GroupPublisher` and use fetch only to learn
   the version.
 - ``ack`` {engine, version}: the engine now runs `version`.
@@ -27,14 +29,16 @@ import zmq
 
 from asyncrl.queue.codec import pack, unpack_header
 from asyncrl.weights.codec import DEFAULT_BUCKET_BYTES
-from asyncrl.weights.ipc import share
+from asyncrl.weights.ipc import IpcVersion, host_identity
+from asyncrl.weights.ipc_drain import GRACE_S, Draining
 from asyncrl.weights.transport import GroupPublisher, Published, snapshot
 
 log = logging.getLogger("asyncrl.weights")
 
 KEEP_SHARED = 2
 """Versions kept in shared memory (a file, ipc buffers): the newest and the one before, so an engine
-that got the previous manifest a moment before a publish can still map its file or open its handles."""
+that got the previous manifest a moment before a publish can still map its file or open its handles.
+Older ipc versions then drain (`ipc_drain.Draining`) before they are freed."""
 
 
 def named_tensors(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
@@ -51,12 +55,17 @@ def named_tensors(model: torch.nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
 
 class WeightBroadcaster:
     def __init__(self, address: str, bucket_bytes: int = DEFAULT_BUCKET_BYTES, shm_dir: Optional[str] = None,
-                 group: Optional[GroupPublisher] = None, curve=None, ipc: bool = False):
+                 group: Optional[GroupPublisher] = None, curve=None, ipc: bool = False, ipc_grace_s: float = GRACE_S):
         """`curve`: an `asyncrl.security.Curve`; serves with the learner's key to authorized engines only.
-        `ipc`: also keep each version on the model's device for ``ipc`` engines (weights/ipc.py)."""
+        `ipc`: also keep each version on the model's device for ``ipc`` engines (weights/ipc.py);
+        `ipc_grace_s`: how long after its last send a discarded ipc version is freed (ipc_drain.py)."""
         self.bucket_bytes = bucket_bytes
         self.shm_dir = shm_dir
         self.ipc = ipc
+        self.ipc_off: Optional[str] = None
+        """Why this learner stopped sending ipc handles (torch failed to share a bucket), or None."""
+        self._draining = Draining(ipc_grace_s)
+        self._host = host_identity()
         self.group = group
         self._ctx = zmq.Context.instance()
         self._socket = self._ctx.socket(zmq.ROUTER)
@@ -83,6 +92,11 @@ class WeightBroadcaster:
         return cls(wc.address, bucket_bytes=wc.bucket_bytes, shm_dir=wc.shm_dir, group=group, curve=curve, ipc=wc.ipc)
 
     @property
+    def ipc_released(self) -> int:
+        """CUDA reference counters this learner released itself: replies no engine took (ipc_drain.py)."""
+        return self._draining.released
+
+    @property
     def version(self) -> int:
         with self._lock:
             return -1 if self._current is None else self._current.version
@@ -106,13 +120,19 @@ class WeightBroadcaster:
             if published.shared:
                 self._kept.append(published)
                 while len(self._kept) > KEEP_SHARED:
-                    self._kept.pop(0).discard()
+                    self._retire(self._kept.pop(0))
         if self.group is not None:
             self.group.offer(published)
         return time.perf_counter() - start
 
+    def _retire(self, published: Published) -> None:
+        if published.ipc is not None:
+            self._draining.add(published.ipc, time.monotonic())
+        published.discard()
+
     def _serve(self) -> None:
         while not self._stop.is_set():
+            self._draining.sweep(time.monotonic())
             if not self._socket.poll(100, zmq.POLLIN):
                 continue
             identity, *body = self._socket.recv_multipart()
@@ -146,35 +166,56 @@ class WeightBroadcaster:
         if transport == "shm" and current.path is not None:
             self._socket.send_multipart([identity, pack({"ok": True, "transport": "shm", "path": current.path, **current.manifest})])
             return
-        if transport == "ipc" and self._send_handles(identity, current):
+        if transport == "ipc" and self._send_handles(identity, header, current):
             return
         self._socket.send_multipart([identity, pack({"ok": True, "transport": "zmq", **current.manifest})])
         for index, buf in enumerate(current.buffers):
             self._socket.send_multipart([identity, pack({"version": current.version, "bucket": index}), buf], copy=False)
 
-    def _send_handles(self, identity: bytes, current: Published) -> bool:
+    def _send_handles(self, identity: bytes, header: dict, current: Published) -> bool:
         """Answer with one handle per ipc bucket; False (the caller sends over zmq) when this version
-        has none or torch cannot share them."""
-        buffers = current.ipc  # read once: a publish may discard this version meanwhile
-        if buffers is None:
+        has none, the engine cannot open them, or torch cannot share them."""
+        version = current.ipc  # read once: a publish may discard this version meanwhile
+        if version is None or self.ipc_off is not None or not self._reaches(header, version):
             return False
+        now = time.monotonic()
         try:
-            handles = share(buffers)
-        except RuntimeError as exc:
-            log.warning("cannot share version %d's buckets (%s); sending them over zmq", current.version, exc)
+            handles = self._share(version, now)
+        except Exception as exc:
+            # Off for good: a reduction that failed inside torch may have taken a reference counter
+            # this code cannot name, and each would pin a version's buckets in the learner's memory.
+            self.ipc_off = f"{type(exc).__name__}: {exc}"
+            log.warning("cannot share version %d's buckets over ipc (%s); engines fetch over zmq from now on",
+                        current.version, self.ipc_off)
             return False
-        self._socket.send_multipart([identity, pack({"ok": True, "transport": "ipc", "handles": handles, **current.manifest})])
+        if handles is None:
+            return False
+        reply = {"ok": True, "transport": "ipc", "handles": handles, "open_by": now + self._draining.open_window_s}
+        self._socket.send_multipart([identity, pack({**reply, **current.manifest})])
         return True
 
+    def _share(self, version: IpcVersion, now: float) -> Optional[list]:
+        """One reply's handles (a method so that a test double can make torch's reduction fail)."""
+        return version.share(now)
+
+    def _reaches(self, header: dict, version: IpcVersion) -> bool:
+        """Whether the asking engine shares this host (boot, IPC and time namespace) and sees the buckets' GPUs."""
+        gpus = header.get("gpus")
+        return (self._host is not None and header.get("host") == self._host
+                and isinstance(gpus, list) and all(gpu in gpus for gpu in version.gpus))
+
     def close(self) -> None:
+        """Stop serving and free every version; ipc versions still in their grace period are dropped
+        unsettled (an engine may be copying one: torch's limbo keeps it until the learner exits)."""
         self._stop.set()
         self._thread.join(timeout=2)
         self._socket.close(0)
         if self.group is not None:
             self.group.close()
         for published in self._kept:
-            published.discard()
+            self._retire(published)
         self._kept.clear()
+        self._draining.close(time.monotonic())
 
 
 def _integer(header: dict, key: str) -> int:

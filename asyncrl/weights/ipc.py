@@ -2,40 +2,93 @@
 through torch's cross-process tensor handles and copies it into its own memory.
 
 With `weights.ipc` on, the learner keeps each published version a second time, as one flat uint8
-tensor per bucket on the model's device (`DeviceBuckets`): device memory for a GPU learner (CUDA
-IPC), a named shared-memory file for a CPU one (torch's ``file_system`` sharing; a file descriptor
-would need a Unix socket to travel). For each fetch the broadcaster reduces those tensors with
-torch's own reduction (`torch.multiprocessing.reductions.reduce_tensor`) and sends only the
-primitive fields (ints, bytes, lists) in the msgpack reply, never pickle (contract 5). The engine
-puts back the fixed classes (torch.Tensor, TypedStorage, uint8), rebuilds each bucket with torch's
-own rebuild function, copies it at once and drops the shared view.
+tensor per bucket on the model's device (`DeviceBuckets` → `IpcVersion`): device memory for a GPU
+learner (CUDA IPC), a named shared-memory file for a CPU one (torch's ``file_system`` sharing; a
+file descriptor would need a Unix socket to travel). For each fetch the learner reduces those
+tensors with torch's own reduction and sends only primitive fields in the msgpack reply, never
+pickle (contract 5; the wire form is `ipc_handles`). The engine rebuilds each bucket with torch's
+own rebuild function, copies it at once onto its own device, checks the copy and drops the view.
 
-Why copy at once: the learner keeps only its newest versions (`broadcaster.KEEP_SHARED`). A CPU
-bucket's file is unlinked when the learner and every engine have let go of it; a CUDA bucket that
-the learner drops while an engine still holds it stays out of the learner's allocator (torch's
-"limbo", counted per send by torch's cross-process reference counter) until the engine lets go.
-An engine holding views would pin old versions in the learner's memory.
+Why copy at once: the learner keeps only its newest versions (`broadcaster.KEEP_SHARED`) and lets
+go of older ones through `ipc_drain.Draining`. A CUDA bucket that an engine still holds stays out
+of the learner's allocator (torch's "limbo", counted per send by torch's cross-process reference
+counter) until the engine lets go; an engine holding views would pin old versions there.
 
-Limits: same host only; CUDA needs the engine to see the learner's GPU (matched by UUID, so
-CUDA_VISIBLE_DEVICES may renumber it) and to share its IPC namespace (not across containers
-without ``--ipc=host``). A CUDA reply that never reaches an engine leaves its reference counter
-set, and those buckets stay in the learner's limbo until it exits: one version's bytes per lost
-reply.
+What each side checks: the learner sends handles only to an engine on its host (`host_identity`:
+same boot, IPC and time namespace) that can see its GPU (by UUID), and tells it until when it may
+open them (``open_by``, on the host's monotonic clock); later the learner may free them. The engine
+checks every field before opening anything, and every copy against the bucket's `bucket_sums`
+(computed by the learner at publish, on its device): on CUDA that is the check instead of the
+host-side xxh3, which would copy the bucket to the host; on CPU both run.
 
 Never imports learner or rollout code.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Optional
+import functools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
 
 import torch
-from torch.multiprocessing.reductions import rebuild_cuda_tensor, rebuild_tensor, reduce_tensor
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import reduce_tensor
 
 from asyncrl.weights.codec import Bucket, WeightsError, iter_buckets, raw_bytes, verify_bucket
+from asyncrl.weights.ipc_handles import Handle, Parsed, encode, gpu_uuid, parse, release
 
-Handle = Optional[dict]
-"""One bucket's handle as it travels in msgpack; None for an empty bucket (nothing to share)."""
+SUM_ROW = 4096
+"""`bucket_sums` weighs each row of this many bytes by its position, so swapped rows or buckets show."""
+
+SUM_CHUNK = 2048 * SUM_ROW
+"""Bytes summed per step: they are widened to int64 first, so a step needs 8x this in temporaries."""
+
+
+def host_identity() -> Optional[dict]:
+    """What an engine must share with the learner to open its handles: the boot (another host or a
+    reboot never matches), the IPC namespace (CUDA IPC and /dev/shm; containers without
+    ``--ipc=host`` differ) and the time namespace (``open_by`` is a monotonic-clock time). None off Linux."""
+    identity = _host_identity()
+    return dict(identity) if identity is not None else None
+
+
+@functools.cache
+def _host_identity() -> Optional[tuple]:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            identity = {"boot_id": f.read().strip()}
+    except OSError:
+        return None
+    for name in ("ipc", "time"):
+        try:
+            identity[f"{name}_ns"] = os.stat(f"/proc/self/ns/{name}").st_ino
+        except OSError:  # an old kernel (no time namespaces) or a locked-down /proc: the boot alone
+            pass
+    return tuple(identity.items())
+
+
+def bucket_sums(bucket: torch.Tensor) -> list[int]:
+    """[sum of the bytes, sum of each SUM_ROW-byte row's sum times (its index mod 65521) + 1] of a
+    flat uint8 tensor, computed where it lives: two reductions, cheap next to a copy, and they
+    differ for another bucket's bytes or rows in another order. The weights wrap so that neither
+    sum overflows int64 below 512 GiB."""
+    total = torch.zeros((), dtype=torch.int64, device=bucket.device)
+    weighted = torch.zeros((), dtype=torch.int64, device=bucket.device)
+    for start in range(0, bucket.numel(), SUM_CHUNK):
+        part = bucket[start : start + SUM_CHUNK].to(torch.int64)
+        if part.numel() % SUM_ROW:  # the last row, zero-filled
+            part = F.pad(part, (0, SUM_ROW - part.numel() % SUM_ROW))
+        rows = part.view(-1, SUM_ROW).sum(dim=1)
+        first = start // SUM_ROW
+        weights = torch.arange(first, first + rows.numel(), device=bucket.device) % 65521 + 1
+        total += rows.sum()
+        weighted += (rows * weights).sum()
+    return torch.stack([total, weighted]).tolist()
+
+
+# --- learner side ---------------------------------------------------------------------------------
 
 
 class DeviceBuckets:
@@ -70,11 +123,12 @@ class DeviceBuckets:
             offset += part.numel()
         self.buffers.append(buffer)
 
-    def finish(self) -> list[torch.Tensor]:
-        """The buckets, complete on their device before any engine is told about them."""
+    def finish(self) -> "IpcVersion":
+        """The buckets with their sums, complete on their device before any engine is told about them."""
         for device in {b.device for b in self.buffers if b.is_cuda}:
             torch.cuda.synchronize(device)
-        return self.buffers
+        gpus = sorted({gpu_uuid(b.device.index) for b in self.buffers if b.is_cuda})
+        return IpcVersion(self.buffers, [bucket_sums(b) for b in self.buffers], gpus)
 
 
 def _allocate(nbytes: int, device: torch.device) -> torch.Tensor:
@@ -84,161 +138,104 @@ def _allocate(nbytes: int, device: torch.device) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
-# --- learner side: handles ----------------------------------------------------------------------
+@dataclass
+class IpcVersion:
+    """One version's buckets as the learner keeps them for ipc engines, and what it handed out."""
 
+    buffers: list[torch.Tensor]
+    sums: list[list[int]]
+    """`bucket_sums` of each bucket, sent with its handle."""
+    gpus: list[str]
+    """UUIDs of the GPUs the buckets are on; empty for CPU buckets."""
+    sent: list[tuple[bytes, int]] = field(default_factory=list)
+    """(reference-counter file, slot) of every CUDA handle handed out, for `ipc_drain.Draining`."""
+    last_sent: float = float("-inf")
+    """time.monotonic() of the last `share`."""
 
-def share(buffers: list[torch.Tensor]) -> list[Handle]:
-    """One handle per bucket, for one fetch: on CUDA each call takes a new reference counter that
-    the engine releases when it drops its view, so every reply must be reduced anew."""
-    return [_handle(buffer) if buffer.numel() else None for buffer in buffers]
-
-
-def _handle(buffer: torch.Tensor) -> dict:
-    rebuild, args = reduce_tensor(buffer)
-    if rebuild is rebuild_cuda_tensor:
-        (_, size, stride, offset, _, _, device, handle, storage_bytes, storage_offset, _,
-         ref_counter, ref_counter_offset, event, event_sync) = args
-        return {"kind": "cuda", "device_uuid": str(torch.cuda.get_device_properties(device).uuid),
-                "size": list(size), "stride": list(stride), "offset": offset, "handle": handle,
-                "storage_bytes": storage_bytes, "storage_offset": storage_offset, "ref_counter": ref_counter,
-                "ref_counter_offset": ref_counter_offset, "event": event, "event_sync": event_sync}
-    if rebuild is not rebuild_tensor:
-        raise WeightsError(f"a bucket on {buffer.device} cannot be shared across processes; use transport zmq")
-    _, storage, (offset, size, stride, _) = args
-    # torch's reduce_storage also takes a reference for the receiver (_shared_incref); the learner's
-    # own reference keeps the file while the version is kept, so a reply that never arrives leaks nothing.
-    manager, filename, storage_bytes = storage._share_filename_cpu_()
-    return {"kind": "cpu", "manager": manager, "filename": filename, "storage_bytes": storage_bytes,
-            "size": list(size), "stride": list(stride), "offset": offset}
-
-
-# --- engine side: open, check, copy ---------------------------------------------------------------
-
-
-def open_buckets(manifest: dict, handles) -> list[torch.Tensor]:
-    """Every bucket of `manifest` copied out of the learner's memory into this process's, checked;
-    WeightsError (naming the bucket) if a handle is malformed or cannot be opened, or its bytes are wrong."""
-    metas = manifest["buckets"]
-    if not isinstance(handles, list) or len(handles) != len(metas):
-        _release(handles if isinstance(handles, list) else [])
-        raise WeightsError(f"the reply holds {len(handles) if isinstance(handles, list) else 'no'} handles "
-                           f"for {len(metas)} buckets")
-    try:
-        calls = [_parse(handle) for handle in handles]  # every field checked before anything is opened
-    except (TypeError, ValueError) as exc:
-        _release(handles)
-        raise WeightsError(f"malformed handle in the reply: {exc}") from None
-    buffers = []
-    for index, (rebuild, args) in enumerate(calls):
+    def share(self, now: float) -> Optional[list[Handle]]:
+        """One handle per bucket, for one reply; None when the version was let go meanwhile (a publish
+        retired it). On CUDA each call takes a new reference counter per bucket, given back by the
+        engine (or by `Draining` if it never does); if torch fails midway, the counters taken so
+        far are given back here and the error raised."""
+        buffers = self.buffers  # read once: `Draining.add` may let go of them on the publishing thread
+        if len(buffers) != len(self.sums):
+            return None
+        self.last_sent = now
+        handles: list[Handle] = []
         try:
-            buffers.append(_own(manifest, index, rebuild(*args)))
-        except RuntimeError as exc:  # torch's error for a file that is gone or a handle it cannot map
-            _release(handles[index:])  # this one too: it failed before torch took over its counter
-            raise WeightsError(f"bucket {index}: cannot open the learner's handle ({exc}); stale (the learner "
-                               "dropped that version) or not on this host") from None
-        except WeightsError:
-            _release(handles[index + 1 :])
+            for buffer, sums in zip(buffers, self.sums):
+                handles.append({**encode(*reduce_tensor(buffer)), "sums": sums} if buffer.numel() else None)
+                if handles[-1] is not None and handles[-1]["kind"] == "cuda":
+                    self.sent.append((handles[-1]["ref_counter_handle"], handles[-1]["ref_counter_offset"]))
+        except Exception:
+            release(handles)
             raise
+        return handles
+
+
+# --- engine side: open, copy, check ---------------------------------------------------------------
+
+
+def open_buckets(reply: dict) -> list[torch.Tensor]:
+    """Every bucket of an ipc `reply` (the manifest with ``handles`` and ``open_by``) copied out of the
+    learner's memory onto this process's current device, checked; WeightsError (naming the bucket)
+    if a handle is malformed, late or cannot be opened, or its bytes are wrong. The CUDA reference
+    counters of handles not opened are given back."""
+    handles = reply.get("handles")
+    parsed, open_by = _parse_all(reply, handles)
+    buffers = []
+    for index, one in enumerate(parsed):
+        buffers.append(_open(reply, handles, index, one, open_by))
     return buffers
 
 
-def _own(manifest: dict, index: int, view: torch.Tensor) -> torch.Tensor:
-    """A copy in this process; the view goes out of scope here, which lets the learner free its bucket."""
-    own = view.clone()
-    if own.is_cuda:
-        # Sizes only, as on the nccl path: a checksum would copy the bucket to the host, costing more
-        # than the transfer; the bytes never left this host's device memory, and torch's reference
-        # counter keeps the learner from reusing them before this copy is done.
-        if own.numel() != manifest["buckets"][index]["nbytes"]:
-            raise WeightsError(f"bucket {index}: {own.numel()} bytes on the device, the manifest says "
-                               f"{manifest['buckets'][index]['nbytes']}")
-        return own
-    verify_bucket(manifest, index, own.numpy())
+def _parse_all(reply: dict, handles) -> tuple[list[Parsed], float]:
+    metas = reply["buckets"]
+    if not isinstance(handles, list) or len(handles) != len(metas):
+        release(handles if isinstance(handles, list) else [])
+        raise WeightsError(f"the reply holds {len(handles) if isinstance(handles, list) else 'no'} handles "
+                           f"for {len(metas)} buckets")
+    open_by = reply.get("open_by")
+    try:
+        if not isinstance(open_by, float):
+            raise TypeError(f"open_by must be a time, got {open_by!r}")
+        return [parse(handle, meta["nbytes"]) for handle, meta in zip(handles, metas)], open_by
+    except (TypeError, ValueError) as exc:  # every field checked before anything is opened
+        release(handles)
+        raise WeightsError(f"malformed handle in the reply: {exc}") from None
+
+
+def _open(reply: dict, handles: list, index: int, parsed: Parsed, open_by: float) -> torch.Tensor:
+    late = time.monotonic() - open_by
+    if late > 0:
+        release(handles[index:])
+        raise WeightsError(f"bucket {index}: the reply is {late:.1f} s past its open_by, after which the "
+                           "learner may free it; asking again")
+    try:
+        view = parsed.rebuild(*parsed.args)
+    except Exception as exc:  # torch's error for a file that is gone or a handle it cannot map
+        release(handles[index:])  # this one too: torch failed before taking over its counter
+        raise WeightsError(f"bucket {index}: cannot open the learner's handle ({type(exc).__name__}: {exc}); "
+                           "stale (the learner dropped that version) or not on this host") from None
+    try:
+        return _copy(reply, index, view, parsed.sums)
+    except BaseException:
+        release(handles[index + 1 :])  # not this one: torch gives its counter back when `view` goes
+        raise
+
+
+def _copy(reply: dict, index: int, view: torch.Tensor, sums: list[int]) -> torch.Tensor:
+    """A copy of `view` on this process's current device; `view` goes out of scope on return, which
+    gives the learner its bucket back."""
+    target = torch.device("cuda", torch.cuda.current_device()) if view.is_cuda else torch.device("cpu")
+    try:
+        own = torch.empty(view.numel(), dtype=torch.uint8, device=target).copy_(view)
+        got = bucket_sums(own)  # waits for the copy, so it is complete before the view is dropped
+    except RuntimeError as exc:
+        raise WeightsError(f"bucket {index}: cannot copy it out of the learner's memory ({exc})") from None
+    if got != sums:
+        raise WeightsError(f"bucket {index}: sums {got} after the copy, the learner sent {sums}; "
+                           "the handle opened other memory (another bucket, or freed and reused)")
+    if not own.is_cuda:
+        verify_bucket(reply, index, own.numpy())
     return own
-
-
-def _parse(handle: Handle) -> tuple[Callable[..., torch.Tensor], tuple]:
-    """torch's rebuild function for `handle` and its arguments: the primitive fields checked, the
-    fixed classes put back. Opens nothing."""
-    if handle is None:
-        return _empty, ()
-    if not isinstance(handle, dict):
-        raise TypeError(f"a handle must be a map, got {type(handle).__name__}")
-    size, stride = _ints(handle, "size"), _ints(handle, "stride")
-    offset, storage_bytes = _int(handle, "offset"), _int(handle, "storage_bytes")
-    # A bucket is flat and lies inside its storage; checked here so that torch fails, if at all,
-    # while opening (see _release), never after it has opened the storage.
-    if len(size) != 1 or stride != [1] or offset + size[0] > storage_bytes:
-        raise ValueError(f"size {size}, stride {stride}, offset {offset}: not a flat bucket inside {storage_bytes} bytes")
-    size, stride = torch.Size(size), (1,)
-    if handle.get("kind") == "cpu":
-        return _rebuild_cpu, (_bytes(handle, "manager"), _bytes(handle, "filename"), storage_bytes, (offset, size, stride, False))
-    if handle.get("kind") == "cuda":
-        return rebuild_cuda_tensor, (
-            torch.Tensor, size, stride, offset, torch.storage.TypedStorage, torch.uint8, _local_device(handle),
-            _bytes(handle, "handle"), storage_bytes, _int(handle, "storage_offset"), False,
-            _bytes(handle, "ref_counter"), _int(handle, "ref_counter_offset"), _bytes(handle, "event"),
-            _bool(handle, "event_sync"))
-    raise ValueError(f"unknown handle kind {handle.get('kind')!r}; expected 'cpu' or 'cuda'")
-
-
-def _empty() -> torch.Tensor:
-    return torch.empty(0, dtype=torch.uint8)
-
-
-def _rebuild_cpu(manager: bytes, filename: bytes, storage_bytes: int, metadata: tuple) -> torch.Tensor:
-    """torch's rebuild_storage_filename without its _shared_decref (the learner took no reference
-    for us, see _handle), then torch's rebuild_tensor."""
-    storage = torch.UntypedStorage._new_shared_filename_cpu(manager, filename, storage_bytes)
-    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.uint8, _internal=True)
-    return rebuild_tensor(torch.Tensor, typed, metadata)
-
-
-def _local_device(handle: dict) -> int:
-    """This process's index of the learner's GPU (CUDA_VISIBLE_DEVICES may number it differently)."""
-    uuid = handle.get("device_uuid")
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            if str(torch.cuda.get_device_properties(index).uuid) == uuid:
-                return index
-    raise ValueError(f"the learner's GPU {uuid} is not visible to this engine; use transport zmq or shm")
-
-
-def _release(handles: list) -> None:
-    """Give back the CUDA reference counters of handles that will not be opened, so the learner
-    can free those buckets (best effort: a malformed handle has nothing to give back)."""
-    for handle in handles:
-        try:
-            if isinstance(handle, dict) and handle.get("kind") == "cuda":
-                torch.UntypedStorage._release_ipc_counter(
-                    _bytes(handle, "ref_counter"), _int(handle, "ref_counter_offset"), device=_local_device(handle))
-        except (RuntimeError, TypeError, ValueError):
-            continue
-
-
-def _int(handle: dict, key: str) -> int:
-    value = handle.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise TypeError(f"handle field {key!r} must be a non-negative integer, got {value!r}")
-    return value
-
-
-def _ints(handle: dict, key: str) -> list[int]:
-    value = handle.get(key)
-    if not isinstance(value, list):
-        raise TypeError(f"handle field {key!r} must be a list of integers, got {value!r}")
-    return [_int({key: v}, key) for v in value]
-
-
-def _bytes(handle: dict, key: str) -> bytes:
-    value = handle.get(key)
-    if not isinstance(value, bytes):
-        raise TypeError(f"handle field {key!r} must be bytes, got {type(value).__name__}")
-    return value
-
-
-def _bool(handle: dict, key: str) -> bool:
-    value = handle.get(key)
-    if not isinstance(value, bool):
-        raise TypeError(f"handle field {key!r} must be true or false, got {value!r}")
-    return value

@@ -2,9 +2,11 @@
 
 `fetch` asks the learner for any version other than the one held (newer, or older after the learner
 resumed from a checkpoint) and returns it only once every
-bucket has arrived and passed its checksum (over ``ipc`` on CUDA, and nccl: its size); a bucket that
-is damaged, missing, late, or whose ipc handle cannot be opened leaves the engine on its current
-weights (contract 6), and the next call asks again from scratch. Every
+bucket has arrived and passed its checksum (over ``ipc`` on CUDA: the learner's sums of its bytes,
+computed on the device; over nccl: its size); a bucket that is damaged, missing, late, or whose ipc
+handle cannot be opened leaves the engine on its current weights (contract 6), and the next call
+asks again from scratch. An ``ipc`` fetch says where the engine runs (``host``: boot and
+namespaces; ``gpus``: the UUIDs it sees), so a learner elsewhere answers over zmq instead. Every
 answer carries the learner's newest version (`learner_version`), which the staleness gate uses.
 `ack` tells the learner which version the engine now runs.
 
@@ -25,7 +27,8 @@ import zmq
 from asyncrl.queue.codec import ProtocolError, pack, unpack_header
 from asyncrl.security import dealer
 from asyncrl.weights.codec import WeightsError, tensors_from_buckets, verify_bucket
-from asyncrl.weights.ipc import open_buckets
+from asyncrl.weights.ipc import host_identity, open_buckets
+from asyncrl.weights.ipc_handles import visible_gpus
 from asyncrl.weights.transport import TRANSPORTS, GroupReceiver, map_buckets
 
 log = logging.getLogger("asyncrl.weights")
@@ -84,6 +87,8 @@ class WeightReceiver:
                    "engine": self.engine_id, "transport": self.transport}
         if self.group is not None and self.group.failed is not None:
             request["transport"] = "zmq"  # the group broke; fetch the bytes over the socket instead
+        if request["transport"] == "ipc":
+            request.update(host=host_identity(), gpus=list(visible_gpus()))
         self._socket.send_multipart([pack(request)])
         frames = self._recv(have)
         if frames is None:
@@ -107,7 +112,7 @@ class WeightReceiver:
                 for index, buf in enumerate(buffers):
                     verify_bucket(manifest, index, buf)
             elif manifest.get("transport") == "ipc":
-                buffers = open_buckets(manifest, manifest.get("handles"))
+                buffers = open_buckets(manifest)
             else:
                 buffers = self._stream(manifest, have)
                 if buffers is None:

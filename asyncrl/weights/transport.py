@@ -12,7 +12,8 @@ then come by the transport that engine chose (`weights.transport`):
   keeps no file (another host, or the learner was started without a shared-memory directory).
 - ``ipc``: the learner also keeps each version as one flat uint8 tensor per bucket on its device
   (`weights.ipc`); an engine on the same host opens them through torch's cross-process handles
-  (CUDA IPC on a GPU) and copies them (`asyncrl.weights.ipc`). Falls back to ``zmq`` like ``shm``.
+  (CUDA IPC on a GPU) and copies them (`asyncrl.weights.ipc`). Falls back to ``zmq`` when the
+  learner keeps none, or the engine is on another host (or container) or cannot see its GPU.
 - ``gloo`` / ``nccl``: a torch.distributed group of the learner (rank 0) and the engines, built
   from a TCPStore rendezvous without touching the default process group (the stateless-group
   scheme vLLM and SGLang accept for weight updates). The learner pushes each new version as one
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from asyncrl.weights.codec import WeightsError, iter_buckets, make_manifest, verify_bucket
-from asyncrl.weights.ipc import DeviceBuckets
+from asyncrl.weights.ipc import DeviceBuckets, IpcVersion
 
 log = logging.getLogger("asyncrl.weights")
 
@@ -53,7 +54,7 @@ class Published:
     buffers: list
     path: Optional[str] = None
     """The shared-memory file holding the buckets back to back, when there is one."""
-    ipc: Optional[list] = None
+    ipc: Optional[IpcVersion] = None
     """The buckets again as flat uint8 tensors on the learner's device, for ``ipc`` engines, when kept."""
 
     @property
@@ -66,8 +67,8 @@ class Published:
         return self.path is not None or self.ipc is not None
 
     def discard(self) -> None:
-        """Unlink the file and drop the ipc buffers; engines that mapped or opened them keep what
-        they hold until they let go."""
+        """Unlink the file and stop serving the ipc buffers (the broadcaster hands them to
+        `ipc_drain.Draining` first); engines that mapped the file keep their mapping."""
         self.ipc = None
         if self.path is not None:
             try:
