@@ -302,10 +302,14 @@ def serve(spec: dict) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the learner closes us
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s replay-writer %(message)s")
     # The mirror is best-effort: it takes only CPU time the learner leaves (a writer that falls
     # behind fills its bounded buffers, and what they cannot take is counted as lost).
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s replay-writer %(message)s")
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (OSError, AttributeError) as exc:  # not Linux, or a sandbox that forbids it: the lowest nice instead
+        log.info("replay mirror: SCHED_IDLE unavailable (%s); running at nice 19", exc)
+        os.nice(19)
     serve(json.loads(sys.stdin.read()))
 
 
