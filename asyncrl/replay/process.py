@@ -82,6 +82,9 @@ class MirrorProcess(MirrorObserver):
         self._closing = False
         self._accepting = True
         self._lock = threading.Lock()
+        """Guards the batch and the records socket: the queue's thread offers, others may flush."""
+        self._control = threading.RLock()
+        """Guards the reports socket and the writer's restart: the queue's tick and stats() may race."""
         self._heads: list = []
         self._frames: list = []
         self._pending_bytes = 0
@@ -150,14 +153,15 @@ class MirrorProcess(MirrorObserver):
         self._heads, self._frames, self._pending_bytes = [], [], 0
 
     def _check_writer(self) -> None:
-        if self._closing or self._proc is None or self._proc.poll() is None:
-            return
-        log.error("replay mirror: the writer process exited with %s; starting another (records still queued go to it)",
-                  self._proc.returncode)
-        self._drain_reports()
-        self._retire_report()
-        self.restarts += 1
-        self._start()
+        with self._control:
+            if self._closing or self._proc is None or self._proc.poll() is None:
+                return
+            log.error("replay mirror: the writer process exited with %s; starting another (records still queued go to it)",
+                      self._proc.returncode)
+            self._drain_reports()
+            self._retire_report()
+            self.restarts += 1
+            self._start()
 
     def _retire_report(self) -> None:
         for key in ("written", "lost"):
@@ -165,11 +169,12 @@ class MirrorProcess(MirrorObserver):
         self._report = {}
 
     def _drain_reports(self) -> None:
-        while True:
-            try:
-                self._report = msgpack.unpackb(self._in.recv(zmq.NOBLOCK), raw=False)
-            except zmq.Again:
-                return
+        with self._control:
+            while True:
+                try:
+                    self._report = msgpack.unpackb(self._in.recv(zmq.NOBLOCK), raw=False)
+                except zmq.Again:
+                    return
 
     # -- reporting and shutdown ----------------------------------------------------------------
 
@@ -205,7 +210,7 @@ class MirrorProcess(MirrorObserver):
             done = self._finished["written"] + self._finished["lost"] + self._report.get("written", 0) + self._report.get("lost", 0)
             if done >= self.sent:
                 return True
-            self._in.poll(50)
+            time.sleep(0.02)  # not a poll on the reports socket: the queue's thread may be reading it
         return False
 
     def close(self, timeout_s: float = 5.0) -> dict:
