@@ -156,8 +156,8 @@ class ScriptedBroadcaster:
     """A test double of the learner's socket that breaks chosen transfers: it answers each fetch
     with the next action of a script ('corrupt', 'truncate', 'ok'), sending a real published version."""
 
-    def __init__(self, model, script):
-        self.published = snapshot(named_tensors(model), 9, 4096)
+    def __init__(self, model, script, **snapshot_kwargs):
+        self.published = snapshot(named_tensors(model), 9, 4096, **snapshot_kwargs)
         self.script = list(script)
         self.socket = zmq.Context.instance().socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)

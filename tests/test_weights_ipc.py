@@ -9,7 +9,6 @@ import functools
 import inspect
 import json
 import multiprocessing
-import threading
 import time
 from pathlib import Path
 
@@ -29,28 +28,12 @@ from asyncrl.weights.ipc_drain import Draining, counter_value
 from asyncrl.weights.ipc_handles import CUDA_PARAMETERS, EVENT_HANDLE_BYTES, REF_COUNTER_SLOTS, encode, parse, visible_gpus
 from asyncrl.weights.receiver import WeightReceiver
 from asyncrl.weights.transport import snapshot
+from test_weights import ScriptedBroadcaster, broadcaster, model  # noqa: F401  (fixtures)
 from tests.conftest import loopback
 
 SHM = Path("/dev/shm")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a CUDA device")
 
-
-@pytest.fixture
-def model():
-    return build_model(ModelConfig(init_seed=3))
-
-
-@pytest.fixture
-def broadcaster():
-    started = []
-
-    def start(**kwargs) -> WeightBroadcaster:
-        started.append(WeightBroadcaster(loopback(), **kwargs))
-        return started[-1]
-
-    yield start
-    for b in started:
-        b.close()
 
 
 def raw_state(state: dict) -> bytes:
@@ -221,7 +204,7 @@ def test_a_learner_that_cannot_share_its_buckets_answers_over_zmq_and_keeps_serv
         b.close()
 
 
-class ScriptedIpcLearner:
+class ScriptedIpcLearner(ScriptedBroadcaster):
     """A test double of the learner's socket: it answers each fetch with the next action of a script,
     sending the handles of a real ipc version ('ok') or handles an engine cannot use: 'gone' (a real
     version whose shared memory was freed before the reply), 'wrong_type', 'too_few', 'outside',
@@ -229,15 +212,7 @@ class ScriptedIpcLearner:
     'wrong_sums' (a bucket's sums are another's), 'late' (open_by has passed)."""
 
     def __init__(self, model, script):
-        self.published = snapshot(named_tensors(model), 9, 4096, ipc=True)
-        self.script = list(script)
-        self.socket = zmq.Context.instance().socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(loopback())
-        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
+        super().__init__(model, script, ipc=True)
 
     def handles(self, action: str) -> list:
         if action == "gone":
@@ -276,9 +251,7 @@ class ScriptedIpcLearner:
             self.socket.send_multipart([identity, pack(reply)])
 
     def close(self):
-        self.stop.set()
-        self.thread.join(timeout=2)
-        self.socket.close(0)
+        super().close()
         self.published = None
 
 
