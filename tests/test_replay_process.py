@@ -96,14 +96,17 @@ def test_a_writer_whose_learner_died_stops_by_itself(redis_server, tmp_path):
         "sys.path[:0] = [" + repr(os.path.dirname(__file__)) + "]\n"
         "from asyncrl.replay.process import MirrorProcess\n"
         "m = MirrorProcess(sys.argv[1], 'orphan')\n"
-        "print(m._proc.pid, flush=True)\n"
+        "print(m._proc.pid, m._dir, flush=True)\n"
         "time.sleep(60)\n")
     learner = subprocess.Popen([sys.executable, str(script), redis_server.url], stdout=subprocess.PIPE, text=True)
-    writer_pid = int(learner.stdout.readline())
+    pid, directory = learner.stdout.readline().split()
+    writer_pid = int(pid)
+    assert os.path.isdir(directory)
     learner.kill()
     learner.wait()
     assert wait_for(lambda: not os.path.exists(f"/proc/{writer_pid}") or
                     open(f"/proc/{writer_pid}/stat").read().split()[2] == "Z", 10)
+    assert wait_for(lambda: not os.path.exists(directory), 5)  # the writer removed the learner's sockets
 
 
 def test_groups_beyond_the_array_budget_keep_their_summary_without_arrays(redis_server, queue_server, tmp_path):

@@ -276,7 +276,7 @@ def serve(spec: dict) -> None:
     reports.setsockopt(zmq.LINGER, 2000)
     reports.connect(spec["reports"])
     mirror = ReplayMirror(spec["url"], spec["run"], buffer=spec["buffer"], **spec["settings"])
-    received, last_report = 0, 0.0
+    received, last_report, orphaned = 0, 0.0, False
 
     def report(**extra) -> None:
         reports.send(_pack({**mirror.stats(), "received": received, **extra}))
@@ -294,6 +294,7 @@ def serve(spec: dict) -> None:
                 mirror.offer(record, nbytes)
         if os.getppid() != spec["parent"]:
             log.warning("replay mirror: the learner is gone; writing what is buffered and stopping")
+            orphaned = True
             break
         now = time.monotonic()
         if now - last_report >= REPORT_EVERY_S:
@@ -303,6 +304,8 @@ def serve(spec: dict) -> None:
     reports.send(_pack({**stats, "received": received, "final": True}))
     reports.close()
     records.close(0)
+    if orphaned:  # nobody else will remove the learner's socket directory
+        shutil.rmtree(os.path.dirname(spec["records"].removeprefix("ipc://")), ignore_errors=True)
 
 
 def main() -> None:
