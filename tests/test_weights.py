@@ -173,16 +173,18 @@ class ScriptedBroadcaster:
                 continue
             identity, body = self.socket.recv_multipart()
             assert unpack_header(body)["op"] == "fetch"
-            action = self.script.pop(0) if self.script else "ok"
-            p = self.published
-            self.socket.send_multipart([identity, pack({"ok": True, "transport": "zmq", **p.manifest})])
-            for index, buf in enumerate(p.buffers):
-                if action == "truncate" and index == len(p.buffers) // 2:
-                    break  # the learner went away mid-version
-                data = bytes(buf)
-                if action == "corrupt" and index == 1:
-                    data = data[:10] + bytes([data[10] ^ 0xFF]) + data[11:]
-                self.socket.send_multipart([identity, pack({"version": 9, "bucket": index}), data])
+            self.answer(identity, self.script.pop(0) if self.script else "ok")
+
+    def answer(self, identity: bytes, action: str) -> None:
+        p = self.published
+        self.socket.send_multipart([identity, pack({"ok": True, "transport": "zmq", **p.manifest})])
+        for index, buf in enumerate(p.buffers):
+            if action == "truncate" and index == len(p.buffers) // 2:
+                break  # the learner went away mid-version
+            data = bytes(buf)
+            if action == "corrupt" and index == 1:
+                data = data[:10] + bytes([data[10] ^ 0xFF]) + data[11:]
+            self.socket.send_multipart([identity, pack({"version": 9, "bucket": index}), data])
 
     def close(self):
         self.stop.set()

@@ -238,17 +238,11 @@ class ScriptedIpcLearner(ScriptedBroadcaster):
             handles[0] = {**first, key: bytes(reversed(first[key]))}
         return handles
 
-    def serve(self):
-        while not self.stop.is_set():
-            if not self.socket.poll(50):
-                continue
-            identity, body = self.socket.recv_multipart()
-            assert unpack_header(body)["op"] == "fetch"
-            action = self.script.pop(0) if self.script else "ok"
-            open_by = time.monotonic() + (-1.0 if action == "late" else 30.0)
-            reply = {"ok": True, "transport": "ipc", "handles": self.handles(action), "open_by": open_by,
-                     **self.published.manifest}
-            self.socket.send_multipart([identity, pack(reply)])
+    def answer(self, identity: bytes, action: str) -> None:
+        open_by = time.monotonic() + (-1.0 if action == "late" else 30.0)
+        reply = {"ok": True, "transport": "ipc", "handles": self.handles(action), "open_by": open_by,
+                 **self.published.manifest}
+        self.socket.send_multipart([identity, pack(reply)])
 
     def close(self):
         super().close()
