@@ -25,6 +25,7 @@ import time
 from collections import deque
 from typing import Callable, Optional
 
+import msgpack
 import numpy as np
 import redis
 
@@ -34,10 +35,14 @@ from asyncrl.replay.store import FRAME_FIELDS, RUNS_KEY, ReplayStore, RunKeys, c
 log = logging.getLogger("asyncrl.replay")
 
 # Writes one batch of records in one call, so a batch costs one command to pack and one reply to
-# read whatever it holds. ARGV: now, lost, maxlen, max_bytes, group key prefix, run, then records:
-#   'r', code, detail, learner_version, ts                                        (a reject)
-#   'g', kind, gid, kept (1/0), version, reward, nbytes, n, n status pairs,
-#        m, m content pairs, e, e event pairs                                      (a group)
+# read whatever it holds. ARGV: now, lost, maxlen, max_bytes, group key prefix, run, the records as
+# one msgpack array (decoded by Redis's built-in cmsgpack: packing it is one C call, where an argument
+# per field costs the writer's Python far more than Redis), then the array frames of groups that keep
+# them. A record is
+#   ['r', code, detail, learner_version, ts]                                       (a reject)
+#   ['g', kind, gid, kept, version, reward, nbytes, status, content, event, frames]  (a group)
+# status, content and event being flat field/value arrays, frames how many frame arguments (named
+# FRAME_FIELDS[2..]) complete its content.
 # A group is indexed the first time it is written; a later record of it (a drop of an accepted
 # group) updates its status, and its content only if it carries arrays. Then the oldest groups
 # are deleted while the run is over its group or byte limit. Group keys are built inside the
@@ -45,64 +50,78 @@ log = logging.getLogger("asyncrl.replay")
 _WRITE_BATCH = """
 local meta, by_seq, by_version, by_reward, events, drops, rejects, runs = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local now, maxlen, max_bytes, prefix = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local i = 7
-local function pairs_at()
-  local n = tonumber(ARGV[i])
-  local t = {}
-  for j = 1, n * 2 do t[j] = ARGV[i + j] end
-  i = i + n * 2 + 1
-  return t
-end
+local frame_names = {'frame.prompt', 'frame.tokens', 'frame.behav_logprobs', 'frame.versions'}
+local records = cmsgpack.unpack(ARGV[7])
+local at = 8
 local count = {accept = 0, drop = 0, reject = 0, skipped = 0}
 local seq = tonumber(redis.call('HGET', meta, 'seq') or '0')
 local bytes = tonumber(redis.call('HGET', meta, 'bytes') or '0')
-while i <= #ARGV do
-  if ARGV[i] == 'r' then
-    local code = ARGV[i + 1]
-    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'reject', 'reason', code, 'detail', ARGV[i + 2],
-               'learner_version', ARGV[i + 3], 'ts', ARGV[i + 4])
+-- New groups' index entries, added with one ZADD per index for the whole batch.
+local seqs, versions, rewards = {}, {}, {}
+for _, rec in ipairs(records) do
+  if rec[1] == 'r' then
+    local code = rec[2]
+    redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', 'reject', 'reason', code, 'detail', rec[3],
+               'learner_version', rec[4], 'ts', rec[5])
     redis.call('HINCRBY', rejects, code, 1)
     count.reject = count.reject + 1
-    i = i + 5
   else
-    local kind, gid, kept, version, reward, nbytes = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
-    i = i + 7
-    local status, content, event = pairs_at(), pairs_at(), pairs_at()
+    local kind, gid, kept, version, reward, nbytes, status, content, event = rec[2], rec[3], rec[4], rec[5], rec[6], rec[7], rec[8], rec[9], rec[10]
+    for j = 1, rec[11] do
+      content[#content + 1] = frame_names[j]
+      content[#content + 1] = ARGV[at]
+      at = at + 1
+    end
     local key = prefix .. gid
-    local new = redis.call('EXISTS', key) == 0
-    if new then
+    if redis.call('EXISTS', key) == 0 then
       seq = seq + 1
-      redis.call('HSET', key, 'seq', seq, unpack(status))
-      redis.call('HSET', key, unpack(content))
-      redis.call('ZADD', by_seq, seq, gid)
-      redis.call('ZADD', by_version, version, gid)
-      redis.call('ZADD', by_reward, reward, gid)
-      bytes = bytes + tonumber(nbytes)
+      local fields = {'seq', seq}
+      for _, t in ipairs({status, content}) do
+        for j = 1, #t do fields[#fields + 1] = t[j] end
+      end
+      redis.call('HSET', key, unpack(fields))
+      local n = #seqs
+      seqs[n + 1], seqs[n + 2] = seq, gid
+      versions[n + 1], versions[n + 2] = version, gid
+      rewards[n + 1], rewards[n + 2] = reward, gid
+      bytes = bytes + nbytes
     else
       redis.call('HSET', key, unpack(status))
-      if kept == '1' then redis.call('HSET', key, unpack(content)) end
+      if kept == 1 then redis.call('HSET', key, unpack(content)) end
     end
     redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'kind', kind, 'group', gid, unpack(event))
     if kind == 'drop' then redis.call('HINCRBY', drops, status[4], 1) end
     count[kind] = count[kind] + 1
-    if kept == '0' then count.skipped = count.skipped + 1 end
+    if kept == 0 then count.skipped = count.skipped + 1 end
   end
+end
+if #seqs > 0 then
+  redis.call('ZADD', by_seq, unpack(seqs))
+  redis.call('ZADD', by_version, unpack(versions))
+  redis.call('ZADD', by_reward, unpack(rewards))
 end
 if count.accept > 0 then redis.call('HINCRBY', meta, 'accepted', count.accept) end
 if count.drop > 0 then redis.call('HINCRBY', meta, 'dropped', count.drop) end
 if count.reject > 0 then redis.call('HINCRBY', meta, 'rejected', count.reject) end
 if count.skipped > 0 then redis.call('HINCRBY', meta, 'arrays_skipped', count.skipped) end
+-- Retention: the oldest groups go, a chunk at a time (one command per chunk and index, not per group).
 local n = redis.call('ZCARD', by_seq)
 local trimmed = 0
 while n > maxlen or (bytes > max_bytes and n > 1) do
-  local old = redis.call('ZPOPMIN', by_seq)[1]
-  local key = prefix .. old
-  bytes = bytes - tonumber(redis.call('HGET', key, 'nbytes') or '0')
-  redis.call('UNLINK', key)
-  redis.call('ZREM', by_version, old)
-  redis.call('ZREM', by_reward, old)
-  n = n - 1
-  trimmed = trimmed + 1
+  local take = math.min(math.max(n - maxlen, 1), 512)
+  local popped = redis.call('ZPOPMIN', by_seq, take)
+  local ids, gkeys = {}, {}
+  for j = 1, #popped, 2 do
+    local gid = popped[j]
+    ids[#ids + 1] = gid
+    gkeys[#gkeys + 1] = prefix .. gid
+    bytes = bytes - tonumber(redis.call('HGET', prefix .. gid, 'nbytes') or '0')
+  end
+  redis.call('UNLINK', unpack(gkeys))
+  redis.call('ZREM', by_version, unpack(ids))
+  redis.call('ZREM', by_reward, unpack(ids))
+  n = n - #ids
+  trimmed = trimmed + #ids
 end
 if trimmed > 0 then redis.call('HINCRBY', meta, 'trimmed', trimmed) end
 redis.call('HSET', meta, 'seq', seq, 'bytes', bytes, 'last_ts', now, 'lost', ARGV[2])
@@ -207,7 +226,10 @@ class ReplayMirror(MirrorObserver):
         batch_bytes: int = 16 << 20,
         linger_s: float = 0.02,
         warn_every_s: float = 30.0,
+        background: bool = True,
     ):
+        """`background`: write from a thread of this process, fed by `offer` (a QueueObserver here);
+        False: no thread and no buffer, the caller hands batches to `write` (the writer process)."""
         self.url = url
         self.run = run
         self.keys = RunKeys(run)
@@ -240,8 +262,10 @@ class ReplayMirror(MirrorObserver):
         self.lost_upstream = 0
         """Lost before they reached this writer (told by the queue's side of a writer process)."""
         self.last_error = ""
-        self._thread = threading.Thread(target=self._loop, name=f"replay-mirror[{run}]", daemon=True)
-        self._thread.start()
+        self._thread: Optional[threading.Thread] = None
+        if background:
+            self._thread = threading.Thread(target=self._loop, name=f"replay-mirror[{run}]", daemon=True)
+            self._thread.start()
 
     @classmethod
     def from_config(cls, cfg, learner_version: Callable[[], int] = lambda: 0) -> "ReplayMirror":
@@ -265,6 +289,17 @@ class ReplayMirror(MirrorObserver):
             # record would cost the queue's thread a context switch per group.
             if len(self._buf) == 1 or len(self._buf) >= self.batch_records or self._buf_bytes >= self.batch_bytes:
                 self._cond.notify()
+
+    def write(self, batch: list[tuple]) -> bool:
+        """Write `batch` (records as `offer` takes them) now, on the caller's thread; counts them
+        written, or lost when Redis fails. For a mirror made with background=False."""
+        ok = self._write(batch)
+        with self._cond:
+            if ok:
+                self.written += len(batch)
+            else:
+                self.lost_redis += len(batch)
+        return ok
 
     # -- reporting and shutdown ----------------------------------------------------------------
 
@@ -302,9 +337,12 @@ class ReplayMirror(MirrorObserver):
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._thread.join(timeout_s)
+        if self._thread is None:
+            self._persist_lost()
+        else:
+            self._thread.join(timeout_s)
         with self._cond:
-            if self._thread.is_alive():
+            if self._thread is not None and self._thread.is_alive():
                 # Redis hangs: give up on what is left; the daemon thread's batch in flight is lost too.
                 self._abandoned = True
                 self.lost_redis += len(self._buf) + self._in_flight
@@ -364,11 +402,16 @@ class ReplayMirror(MirrorObserver):
             if not self._registered:
                 self._register()
             keys = self.keys
-            args = [time.time(), self.lost, self.maxlen, self.max_bytes, keys.group_prefix, self.run]
+            records, frames = [], []
             for record in batch:
-                args += _reject_args(record) if record[0] == "reject" else _group_args(record)
+                if record[0] == "reject":
+                    records.append(_reject_args(record))
+                else:
+                    records.append(_group_args(record, frames))
             self._script(keys=[keys.meta, keys.by_seq, keys.by_version, keys.by_reward, keys.events, keys.drops,
-                               keys.rejects, RUNS_KEY], args=args)
+                               keys.rejects, RUNS_KEY],
+                         args=[time.time(), self.lost, self.maxlen, self.max_bytes, keys.group_prefix, self.run,
+                               msgpack.packb(records, use_bin_type=False), *frames])
         except (redis.RedisError, OSError) as exc:
             self._registered = False  # a restarted Redis may have lost the run's meta hash
             self._failing = True
@@ -408,45 +451,47 @@ class ReplayMirror(MirrorObserver):
             pass  # Redis is gone; the count is in stats() and the log
 
 
-_EVENT_FIELDS = ("reason", "version", "learner_version", "staleness", "reward", "samples", "tokens", "task", "engine")
-
-
 def _reject_args(record: tuple) -> list:
     _, _, code, detail, learner_version, ts, _, _ = record
-    return ["r", code, detail, learner_version, ts]
+    return ["r", code, detail, learner_version, repr(ts)]
 
 
-def _group_args(record: tuple) -> list:
-    """A group record as _WRITE_BATCH's arguments: its hash fields (docs/replay.md) and its event."""
+def _group_args(record: tuple, frames: list) -> list:
+    """A group record as _WRITE_BATCH's: its hash fields (docs/replay.md) and its event; its array
+    frames, if it keeps them, are appended to `frames`."""
     kind, gid, reason, payload, learner_version, ts, version, max_version = record
-    header = unpack_header(bytes(payload[0]))
+    header_bytes = bytes(payload[0])
+    header = unpack_header(header_bytes)
     lens, rewards = header["lens"], header["rewards"]
-    reward = float(sum(rewards) / len(rewards))
+    reward = repr(float(sum(rewards) / len(rewards)))
     nbytes = sum(len(f) for f in payload)
     kept = len(payload) == len(FRAME_FIELDS)
     staleness = max(0, learner_version - version)
+    ts = repr(ts)
+    samples, tokens, task, engine = len(lens), int(sum(lens)), str(header.get("task", "")), str(header.get("engine", ""))
     status = ["status", "dropped" if kind == "drop" else "accepted", "reason", reason, "learner_version", learner_version,
               "staleness", staleness, "ts" if kind == "accept" else "dropped_ts", ts]
-    content = {
-        "version": version,
-        "max_version": max_version,
-        "reward": reward,
-        "samples": len(lens),
-        "tokens": int(sum(lens)),
-        "task": str(header.get("task", "")),
-        "engine": str(header.get("engine", "")),
-        "nbytes": nbytes,
-        "rewards": json.dumps(rewards),
-        "lens": json.dumps(lens),
-        "finish": json.dumps(header["finish"]),
-        "seed": int(header.get("seed", 0)),
-        "ref": str(header.get("ref", "")),
-        "timings": json.dumps(header.get("timings", {})),
-        "arrays": "kept" if kept else "skipped",
-    }
-    content.update({name: memoryview(frame) for name, frame in zip(FRAME_FIELDS, payload)})
-    summary = {**content, "reason": reason, "learner_version": learner_version, "staleness": staleness}
-    event = [x for k in _EVENT_FIELDS for x in (k, summary[k])] + ["ts", ts]
-    return ["g", kind, gid, 1 if kept else 0, version, reward, nbytes,
-            len(status) // 2, *status, len(content), *[x for item in content.items() for x in item],
-            len(event) // 2, *event]
+    content = [
+        "version", version,
+        "max_version", max_version,
+        "reward", reward,
+        "samples", samples,
+        "tokens", tokens,
+        "task", task,
+        "engine", engine,
+        "nbytes", nbytes,
+        "rewards", json.dumps(rewards),
+        "lens", json.dumps(lens),
+        "finish", json.dumps(header["finish"]),
+        "seed", int(header.get("seed", 0)),
+        "ref", str(header.get("ref", "")),
+        "timings", json.dumps(header.get("timings", {})),
+        "arrays", "kept" if kept else "skipped",
+    ]
+    if kept:
+        content += [FRAME_FIELDS[0], header_bytes]
+    event = ["reason", reason, "version", version, "learner_version", learner_version, "staleness", staleness,
+             "reward", reward, "samples", samples, "tokens", tokens, "task", task, "engine", engine, "ts", ts]
+    if kept:
+        frames.extend(memoryview(f) for f in payload[1:])
+    return ["g", kind, gid, 1 if kept else 0, version, reward, nbytes, status, content, event, len(payload) - 1]

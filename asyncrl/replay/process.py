@@ -253,17 +253,17 @@ class MirrorProcess(MirrorObserver):
 # -- the writer process ------------------------------------------------------------------------
 
 
-def _records(heads: list, frames: list) -> Iterator[tuple[tuple, int]]:
-    """(record, bytes) of each batched head: a reject's detail or a group's header frame inline, or
-    the count of the group's frames that follow in the message."""
+def _records(heads: list, frames: list) -> Iterator[tuple]:
+    """The records of one message: each batched head with a reject's detail or a group's header
+    frame inline, or the count of the group's frames that follow in the message."""
     at = 0
     for kind, gid, reason, learner_version, ts, version, max_version, last, count in heads:
         if kind == "reject":
-            yield ("reject", "", reason, last, learner_version, ts, 0, 0), 0
+            yield ("reject", "", reason, last, learner_version, ts, 0, 0)
             continue
         payload = [last] if count == 0 else frames[at : at + count]
         at += count
-        yield (kind, gid, reason, payload, learner_version, ts, version, max_version), sum(len(f) for f in payload)
+        yield (kind, gid, reason, payload, learner_version, ts, version, max_version)
 
 
 def serve(spec: dict) -> None:
@@ -275,7 +275,7 @@ def serve(spec: dict) -> None:
     reports = ctx.socket(zmq.PUSH)
     reports.setsockopt(zmq.LINGER, 2000)
     reports.connect(spec["reports"])
-    mirror = ReplayMirror(spec["url"], spec["run"], buffer=spec["buffer"], **spec["settings"])
+    mirror = ReplayMirror(spec["url"], spec["run"], buffer=spec["buffer"], background=False, **spec["settings"])
     received, last_report, orphaned = 0, 0.0, False
 
     def report(**extra) -> None:
@@ -289,9 +289,9 @@ def serve(spec: dict) -> None:
             if isinstance(heads, dict):  # {"close": records lost before reaching this process}
                 mirror.lost_upstream = heads["close"]  # persisted with the run's count
                 break
-            for record, nbytes in _records(heads, frames[1:]):
-                received += 1
-                mirror.offer(record, nbytes)
+            batch = list(_records(heads, frames[1:]))
+            received += len(batch)
+            mirror.write(batch)  # the parent batched them: written at once, no second buffer here
         if os.getppid() != spec["parent"]:
             log.warning("replay mirror: the learner is gone; writing what is buffered and stopping")
             orphaned = True

@@ -302,7 +302,7 @@ class ReplayStore:
         values = self.r.hmget(key, [*FRAME_FIELDS, PROX_FIELD, *SUMMARY_FIELDS])
         frames, prox, rest = values[: len(FRAME_FIELDS)], values[len(FRAME_FIELDS)], values[len(FRAME_FIELDS) + 1 :]
         summary = parse_summary(rest)
-        if summary is None or frames[0] is None:
+        if summary is None:
             raise ReplayError(f"group {group_id!r} of run {run!r} is no longer stored (trimmed by retention or deleted)")
         summary["id"] = group_id
         if any(f is None for f in frames):
