@@ -49,6 +49,26 @@ def test_accepted_group_round_trips_through_redis(mirrored_queue, redis_server):
     assert prox is None
 
 
+def test_readable_fields_keep_their_exact_text(redis_server):
+    """The write script gets records as msgpack (Lua numbers are doubles): a 64-bit seed, a
+    non-ASCII task and a float reward must still read back exactly as Python wrote them."""
+    group = make_group(version=1)
+    group.seed, group.task, group.reference = 2**63 - 25, "réponse-à-tout", "ünï"
+    for s, reward in zip(group.samples, (0.1, 1 / 3, 2.5)):
+        s.reward = reward
+    mirror = ReplayMirror(redis_server.url, "r1", array_bytes_per_s=None)
+    mirror.on_accept(entry_of(group))
+    assert mirror.flush(5)
+    mirror.close()
+    fields = {k.decode(): v.decode() for k, v in redis_server.client().hgetall(RunKeys("r1").group(group.group_id)).items()
+              if not k.startswith(b"frame.")}
+    assert fields["seed"] == str(2**63 - 25) and fields["task"] == "réponse-à-tout" and fields["ref"] == "ünï"
+    assert fields["reward"] == repr((0.1 + 1 / 3 + 2.5) / 3) and json.loads(fields["rewards"]) == [0.1, 1 / 3, 2.5]
+    assert (fields["version"], fields["samples"], fields["tokens"], fields["seq"]) == ("1", "3", "7", "1")
+    event = redis_server.client().xrange(RunKeys("r1").events)[0][1]
+    assert event[b"task"].decode() == "réponse-à-tout" and float(event[b"reward"]) == float(fields["reward"])
+
+
 def test_dropped_group_is_recorded_with_its_reason(mirrored_queue, redis_server):
     server, producer, consumer, mirror = mirrored_queue(max_staleness=0)
     old, fresh = make_group(version=0), make_group(version=2)

@@ -483,7 +483,7 @@ def _group_args(record: tuple, frames: list) -> list:
         "rewards", json.dumps(rewards),
         "lens", json.dumps(lens),
         "finish", json.dumps(header["finish"]),
-        "seed", int(header.get("seed", 0)),
+        "seed", str(int(header.get("seed", 0))),  # a string: Lua numbers are doubles, seeds may be 64-bit
         "ref", str(header.get("ref", "")),
         "timings", json.dumps(header.get("timings", {})),
         "arrays", "kept" if kept else "skipped",
