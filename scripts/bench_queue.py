@@ -52,7 +52,7 @@ from asyncrl.queue.codec import encode_group  # noqa: E402
 SIZES = {
     # name: (samples per group, tokens per sample, groups per put / step, throughput N, latency N)
     "small": (4, 20, 64, 40_000, 2_000),
-    "large": (8, 11_000, 4, 5_000, 100),
+    "large": (8, 11_000, 4, 1_500, 100),
 }
 LATENCY_RATE = {"small": 2_000.0, "large": 50.0}  # groups/s offered in the latency phase
 CTX = mp.get_context("spawn")
@@ -109,37 +109,20 @@ def asyncrl_producer(address: str, size: str, shm: bool, count: int, rate: float
     payload, batch = Payload(size), SIZES[size][2]
     producer = QueueProducer(address, "bench-producer", timeout_s=30, shm=shm)
     producer.hello("producer")
-    if rate:  # the latency phase: one group at a time, paced
-        for _ in range(count):
-            granted = 0
-            while not granted:
-                granted, _ = producer.ticket(producer.learner_version, 1)
-                if not granted:
-                    time.sleep(0.0005)
-            producer.put_and_ticket([payload.group(producer.learner_version)], producer.learner_version, 0)
+    sent, granted = 0, 0
+    while sent < count:
+        want = 1 if rate else min(batch, count - sent)
+        if not granted:
+            granted, _ = producer.ticket(producer.learner_version, want)
+        if not granted:
+            time.sleep(0.0005)  # the staleness bound holds this engine back until the learner steps
+            continue
+        groups = [payload.group(producer.learner_version) for _ in range(granted)]
+        sent += granted
+        # The next batch's tickets come in the put's reply: no separate ticket round trip.
+        _, granted, _ = producer.put_and_ticket(groups, producer.learner_version, min(want, count - sent))
+        if rate:
             time.sleep(1.0 / rate)
-        producer.close()
-        return
-    # One put in flight while the next batch is encoded (its arrays written into the arena): the
-    # copy overlaps the put's round trip. Tickets come in the put replies, a batch ahead.
-    sent, granted, in_flight = 0, 0, False
-    while sent < count or in_flight:
-        prepared = None
-        n = min(batch, granted, count - sent)
-        if n:
-            prepared = producer.prepare([payload.group(producer.learner_version) for _ in range(n)])
-            granted, sent = granted - n, sent + n
-        if in_flight:
-            _, got, _ = producer.put_end()
-            granted, in_flight = granted + got, False
-        if prepared is not None:
-            producer.put_begin(prepared, producer.learner_version, max(0, min(batch, count - sent - granted)))
-            in_flight = True
-        elif sent < count and not granted:
-            got, _ = producer.ticket(producer.learner_version, min(2 * batch, count - sent))
-            granted += got
-            if not got:
-                time.sleep(0.0005)  # the staleness bound holds this engine back until the learner steps
     producer.release(granted)
     producer.close()
 
@@ -151,29 +134,18 @@ def asyncrl_consumer(address: str, size: str, shm: bool, count: int, rate: float
     take = 1 if rate else per_step
     consumer = QueueConsumer(address, "bench-consumer", vocab_size=32000, timeout_s=30, shm=shm)
     consumer.hello("consumer", 0)
-    latencies, got, step, done = [], 0, 0, None
-    # A step trains groups_per_step groups, as the admission formula assumes, however many each get takes.
-    # The next step's get goes out (acknowledging the step before, whose groups are done with) as soon
-    # as this step's reply is in, before its arrays are read: the round trip overlaps the reading.
-    consumer.get_begin(step, min(take, count), wait_ms=1000)
+    latencies, got, done = [], 0, None
     while got < count:
-        received = consumer.get_receive()
-        if not received.groups:
-            consumer.get_begin(step, min(take, count - got), wait_ms=1000, ack=done)
-            done = None
+        # A step trains groups_per_step groups, as the admission formula assumes, however many each get takes.
+        # The previous step's lease is acknowledged in the get for the next one (one round trip per step).
+        lease, groups, _ = consumer.try_get(got // per_step, min(take, count - got), wait_ms=1000, ack=done)
+        done = None
+        if not groups:
             continue
-        ahead = count - got - received.groups
-        if ahead > 0:
-            consumer.get_begin(step + 1, min(take, ahead), wait_ms=1000, ack=done)
-            done = None
-        lease, groups, _ = consumer.decode(received)
         now = time.monotonic()
         latencies.extend(now - g.timings["sent"] for g in groups)
-        if done is not None:
-            consumer.ack(done)  # the last step: no get follows to carry it
         done = lease
         got += len(groups)
-        step += 1
     consumer.ack(done)
     out.put((time.monotonic(), latencies, consumer.stats()))
 
