@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 from asyncrl.protocol import TrajectoryGroup
@@ -20,20 +19,6 @@ from asyncrl.queue.shm import ArenaReader, reachable
 __all__ = ["QueueConsumer", "QueueProducer", "QueueRequestError", "QueueTimeout", "queue_metrics"]
 
 log = logging.getLogger("asyncrl.queue")
-
-
-@dataclass
-class Received:
-    """A get reply as it arrived (QueueConsumer.get_receive), its groups not yet read."""
-
-    reply: dict
-    frames: list
-    fields: dict
-    """The get's request fields: a re-read asks again with the same token."""
-
-    @property
-    def groups(self) -> int:
-        return int(self.reply["groups"])
 
 
 class QueueConsumer(Client):
@@ -56,8 +41,6 @@ class QueueConsumer(Client):
         self.rank = rank
         self.world = world
         self.verify = verify
-        self._get_fields: dict = {}
-        self._ahead: Optional[tuple[dict, list]] = None
         self.trained_ids: Callable[[], list[str]] = list
         """The ids of groups the learner trained that a producer may still resend; the learner sets it.
         Told to the queue in each consumer hello, so a restarted queue never delivers them again."""
@@ -91,16 +74,6 @@ class QueueConsumer(Client):
 
         `groups` is the whole step's batch; with a rank set, this rank receives groups / world of them.
         `ack`: the previous step's lease, acknowledged by the same message (saves a round trip per step)."""
-        self.get_begin(version, groups, wait_ms, ack)
-        return self.decode(self.get_receive())
-
-    # -- a get in flight while the previous batch is read ---------------------------------------
-
-    def get_begin(self, version: int, groups: int, wait_ms: int = 0, ack: Optional[int] = None) -> None:
-        """Send try_get's request without waiting: `get_receive` waits for the reply and `decode` reads
-        it. A learner that asks for its next step's batch (`version` being the one that step will
-        hold) before it decodes the current one overlaps that round trip with its own work. No other
-        request may be made between get_begin and get_receive."""
         # One token per logical get, the same in its resends: a reply lost to a timeout does not
         # leave behind a lease that nobody holds (the queue answers the resend with that lease).
         fields = {"version": version, "groups": groups, "consumer": self.name, "packed": True, "token": uuid.uuid4().hex}
@@ -114,30 +87,17 @@ class QueueConsumer(Client):
             fields["ack"] = int(ack)
         if self._reader is not None:
             fields["shm"] = True
-        self._get_fields = fields
-        self.begin("get", fields)
-
-    def get_receive(self) -> "Received":
-        """The reply to the get `get_begin` sent (its groups not yet read: see `decode`)."""
-        fields = self._get_fields
         try:
-            if self._ahead is not None:  # answered while decode() had to ask for an earlier batch again
-                (reply, frames), self._ahead = self._ahead, None
-            else:
-                reply, frames = self.complete()
+            reply, frames = self.request("get", fields)
         except QueueRequestError as exc:
             if exc.code != "instance_changed":
                 raise
             # Before a restarted queue hands out anything, it must hear what this learner trained.
-            self.hello("consumer", fields["version"])
-            fields = {**fields, "instance": self.instance, "shm": self._reader is not None}
+            self.hello("consumer", version)
+            fields["instance"] = self.instance
+            fields["shm"] = self._reader is not None
             reply, frames = self.request("get", fields)
-        return Received(reply, frames, fields)
-
-    def decode(self, received: "Received") -> tuple[Optional[int], list[TrajectoryGroup], bool]:
-        """(lease, groups, closed) of a received get reply: large groups' arrays are read (copied)
-        from their arenas here. May run while the next get is in flight."""
-        reply, frames, count = received.reply, received.frames, received.groups
+        count = int(reply["groups"])
         if count == 0:
             return None, [], bool(reply.get("closed"))
         buffers = [f.buffer for f in frames]
@@ -148,10 +108,7 @@ class QueueConsumer(Client):
                 # Asking again with the same token gets the same lease, now with the arrays in the message.
                 log.warning("%s: cannot read the arena regions of a batch (%s); reading from messages from now on", self.name, exc)
                 self._close_reader()
-                ahead = self.complete() if self._pending is not None else None  # a get already sent: kept for later
-                reply, frames = self.request("get", {**received.fields, "shm": False})
-                if ahead is not None:
-                    self._ahead = ahead
+                reply, frames = self.request("get", {**fields, "shm": False})
                 buffers = [f.buffer for f in frames]
         if reply.get("packed"):
             batch = decode_packed(reply.get("headers"), reply.get("plens"), buffers, count, self.vocab_size, check=self.verify)
@@ -163,8 +120,6 @@ class QueueConsumer(Client):
 
     def _read_regions(self, refs, buffers: list, count: int) -> list:
         """A reply's frames with each arena group's four arrays read (copied) from its region."""
-        if self._reader is None:
-            raise ProtocolError("bad_shm", "the reply names arena regions, and this consumer has stopped reading arenas")
         if not isinstance(refs, list) or len(refs) != count:
             raise ProtocolError("bad_shm", f"field 'shm' of a batch reply must list {count} regions or nils")
         out, at = [], 0

@@ -65,8 +65,6 @@ class QueueProducer(Client):
         (made by weights of versions the learner lost when it resumed from an older checkpoint)."""
         self.resent = 0
         self._keep = True
-        self._in_flight: Optional[tuple] = None
-        """(groups, regions, ticketed, ticket ask) of the batch put_begin sent; put_end finishes it."""
         self._checked = time.monotonic()
         self._restarted = False
 
@@ -116,18 +114,11 @@ class QueueProducer(Client):
     def _put_request(self, fields: dict, frames: list, refs: list) -> Optional[dict]:
         """One put; frees the regions the queue reports it will not read again. None: the queue could
         not read the arena (it restarted), so the groups must be encoded and sent again."""
-        self._put_request_begin(fields, frames, refs)
-        return self._put_request_end(refs)
-
-    def _put_request_begin(self, fields: dict, frames: list, refs: list) -> None:
-        if any(r is not None for r in refs):
-            fields = {**fields, "arena": self.arena.name, "shm": refs}
-        self.begin("put", fields, frames)
-
-    def _put_request_end(self, refs: list) -> Optional[dict]:
         used = [r["offset"] for r in refs if r is not None]
+        if used:
+            fields = {**fields, "arena": self.arena.name, "shm": refs}
         try:
-            reply, _ = self.complete()
+            reply, _ = self.request("put", fields, frames)
         except QueueRequestError as exc:
             if used and self.tries == 1:
                 for offset in used:  # a refused message: the queue kept nothing of it
@@ -271,8 +262,7 @@ class QueueProducer(Client):
         Returns each group's final status, 'accepted' or 'duplicate'. Groups told to wait are resent,
         alone with the others that waited, after a pause that grows while the queue stays full.
         """
-        self._put_begin(self.prepare(groups), ticketed, None)
-        statuses = self._put_end(wait_s)[0]
+        statuses = self._put_many(groups, ticketed, wait_s, None)[0]
         self.reconcile()
         return statuses
 
@@ -281,59 +271,30 @@ class QueueProducer(Client):
         """put_many, asking in the same message for `want` tickets at `version`: (statuses, granted, closed).
 
         Saves the ticket round trip of a producer that generates while it sends."""
-        self.put_begin(self.prepare(groups), version, want, ticketed)
-        return self.put_end(wait_s)
-
-    # -- one put in flight while the next batch is encoded --------------------------------------
-
-    def prepare(self, groups: list[TrajectoryGroup]) -> tuple:
-        """Encode a batch for `put_begin`: large groups' arrays are written into the arena now. Calling
-        it for the next batch while a put is in flight overlaps the copy with the put's round trip."""
-        if groups and sum(len(s.tokens) for g in groups for s in g.samples) < PACK_TOKENS * len(groups):
-            headers, plens, frames = encode_packed(groups)
-            return groups, frames, [None] * len(groups), {"packed": True, "headers": headers, "plens": plens}
-        frames, refs = [], []
-        for group in groups:
-            group_frames, ref = self._encode(group)
-            frames.extend(group_frames)
-            refs.append(ref)
-        return groups, frames, refs, {}
-
-    def put_begin(self, prepared: tuple, version: int, want: int, ticketed: bool = True) -> None:
-        """Send a prepared batch, asking for `want` tickets at `version`, without waiting; `put_end`
-        waits for the reply. No other request may be made in between."""
-        self._put_begin(prepared, ticketed, {"want": want, "version": version})
-
-    def put_end(self, wait_s: float = 0.01) -> tuple[list[str], int, bool]:
-        """Wait for the batch `put_begin` sent to be held (resending groups told to wait):
-        (statuses, granted, closed), as put_and_ticket returns."""
-        statuses, reply = self._put_end(wait_s)
+        statuses, reply = self._put_many(groups, ticketed, wait_s, {"want": want, "version": version})
         self.reconcile()
         self.learner_version = int(reply.get("learner_version", self.learner_version))
         return statuses, int(reply.get("granted", 0)), bool(reply.get("closed"))
 
-    def _put_begin(self, prepared: tuple, ticketed: bool, ask: Optional[dict]) -> None:
-        groups, frames, refs, extra = prepared
-        self._in_flight = (groups, refs, ticketed, ask)
-        self._put_request_begin({"ticketed": ticketed, "engine": self.name, "groups": len(groups), **extra, **(ask or {})},
-                                frames, refs)
-
-    def _put_end(self, wait_s: float) -> tuple[list[str], dict]:
-        groups, refs, ticketed, ask = self._in_flight
-        self._in_flight = None
+    def _put_many(self, groups, ticketed: bool, wait_s: float, ask: Optional[dict]) -> tuple[list[str], dict]:
+        packed = bool(groups) and sum(len(s.tokens) for g in groups for s in g.samples) < PACK_TOKENS * len(groups)
         statuses: list[Optional[str]] = [None] * len(groups)
         pending = list(range(len(groups)))
-        pause, first, sent = wait_s, {}, True
+        pause, first = wait_s, {}
         while pending:
-            if not sent:
-                # Encoded again at each try: the queue frees the arena regions of groups told to wait.
-                _, frames, refs, extra = self.prepare([groups[i] for i in pending])
-                fields = {"ticketed": ticketed, "engine": self.name, "groups": len(pending), **extra}
-                if ask is not None and not first:
-                    fields.update(ask)  # tickets are asked for once, in the first message answered
-                self._put_request_begin(fields, frames, refs)
-            sent = False
-            reply = self._put_request_end(refs)
+            fields = {"ticketed": ticketed, "engine": self.name, "groups": len(pending)}
+            refs = [None] * len(pending)
+            if packed:
+                headers, plens, frames = encode_packed([groups[i] for i in pending])
+                fields.update(packed=True, headers=headers, plens=plens)
+            else:
+                frames = []  # encoded at each try: the queue frees the arena regions of groups told to wait
+                for k, i in enumerate(pending):
+                    group_frames, refs[k] = self._encode(groups[i])
+                    frames.extend(group_frames)
+            if ask is not None and not first:
+                fields.update(ask)  # tickets are asked for once, in the first message
+            reply = self._put_request(fields, frames, refs)
             if reply is None:
                 continue  # the arena was dropped: sent again with the arrays in the messages
             first = first or reply
