@@ -12,8 +12,10 @@ cannot make the mirror cost it more than Redis can take.
 per run), so nothing grows without bound. When the buffer is full (Redis slow or gone) a record is
 lost and counted; when a batch fails after redis-py's own retries, its records are lost and
 counted. The counts are in `stats()`, in the log, and in the run's meta hash once Redis answers
-again. The learner runs it in a process of its own (process.py); as an observer in the calling
-process it serves tools and tests. Must never block the queue or raise into it.
+again. The learner runs it in a process of its own (process.py), made with background=False:
+no thread and no buffer there, the process hands it each batch it receives (`write`); as an
+observer in the calling process it serves tools and tests. Must never block the queue or raise
+into it.
 """
 
 from __future__ import annotations

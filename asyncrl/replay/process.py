@@ -7,8 +7,9 @@ uses instead: on the queue's thread it builds the same records (`group_record`, 
 budget) and pushes each over a ZeroMQ ipc socket without blocking; `python -m
 asyncrl.replay.process` runs a `ReplayMirror` that writes them.
 
-- Bounded: the socket holds at most `buffer` records (SNDHWM); beyond, a record is lost and
-  counted here, and the writer's own buffers bound it again in records and bytes.
+- Bounded: the socket between the two (SNDHWM here, RCVHWM in the writer) holds about `buffer`
+  records and `buffer_bytes` bytes, in messages of up to BATCH_RECORDS records or BATCH_BYTES;
+  beyond, a record is lost and counted here. The writer writes each message as it takes it.
 - Accounting: the writer reports its counters every 0.2 s and at close. At close, whatever was
   sent and never written is lost (a writer that died took some with it), so
   `written + lost` equals the records offered.
@@ -60,7 +61,10 @@ class MirrorProcess(MirrorObserver):
         self._dir = tempfile.mkdtemp(prefix="asyncrl-mirror-")  # 0700: only this user can connect
         ctx = zmq.Context.instance()
         self._out = ctx.socket(zmq.PUSH)
-        self._out.setsockopt(zmq.SNDHWM, max(1, buffer // BATCH_RECORDS))  # messages of up to BATCH_RECORDS
+        # Messages of up to BATCH_RECORDS records or BATCH_BYTES: half of the bound on each side.
+        buffer_bytes = writer_settings.get("buffer_bytes", 256 << 20)
+        hwm = max(1, min(buffer // BATCH_RECORDS, buffer_bytes // BATCH_BYTES) // 2)
+        self._out.setsockopt(zmq.SNDHWM, hwm)
         self._out.setsockopt(zmq.LINGER, 0)
         # Connecting (the writer binds) makes ZeroMQ queue records while no writer is there, so
         # the ones offered while a dead writer is replaced wait for the new one.
@@ -68,7 +72,7 @@ class MirrorProcess(MirrorObserver):
         self._in = ctx.socket(zmq.PULL)
         self._in.setsockopt(zmq.LINGER, 0)
         self._in.bind(f"ipc://{self._dir}/reports")
-        self._spec = {"url": url, "run": run, "buffer": buffer, "parent": os.getpid(),
+        self._spec = {"url": url, "run": run, "buffer": buffer, "hwm": hwm, "parent": os.getpid(),
                       "records": f"ipc://{self._dir}/records", "reports": f"ipc://{self._dir}/reports",
                       "settings": writer_settings}
         self.sent = 0
@@ -270,7 +274,7 @@ def serve(spec: dict) -> None:
     """Write the records arriving at spec['records'] until told to close or the parent is gone."""
     ctx = zmq.Context.instance()
     records = ctx.socket(zmq.PULL)
-    records.setsockopt(zmq.RCVHWM, spec["buffer"])
+    records.setsockopt(zmq.RCVHWM, spec["hwm"])
     records.bind(spec["records"])
     reports = ctx.socket(zmq.PUSH)
     reports.setsockopt(zmq.LINGER, 2000)
