@@ -52,7 +52,7 @@ log = logging.getLogger("asyncrl.replay")
 _WRITE_BATCH = """
 local meta, by_seq, by_version, by_reward, events, drops, rejects, runs = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local now, maxlen, max_bytes, prefix = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local frame_names = {'frame.prompt', 'frame.tokens', 'frame.behav_logprobs', 'frame.versions'}
+local frame_names = {%s}
 local records = cmsgpack.unpack(ARGV[7])
 local at = 8
 local count = {accept = 0, drop = 0, reject = 0, skipped = 0}
@@ -129,7 +129,7 @@ if trimmed > 0 then redis.call('HINCRBY', meta, 'trimmed', trimmed) end
 redis.call('HSET', meta, 'seq', seq, 'bytes', bytes, 'last_ts', now, 'lost', ARGV[2])
 redis.call('ZADD', runs, now, ARGV[6])
 return n
-"""
+""" % ", ".join(f"'{name}'" for name in FRAME_FIELDS[1:])
 
 
 def settings_from_config(cfg) -> dict:
@@ -492,8 +492,7 @@ def _group_args(record: tuple, frames: list) -> list:
     ]
     if kept:
         content += [FRAME_FIELDS[0], header_bytes]
+        frames.extend(memoryview(f) for f in payload[1:])
     event = ["reason", reason, "version", version, "learner_version", learner_version, "staleness", staleness,
              "reward", reward, "samples", samples, "tokens", tokens, "task", task, "engine", engine, "ts", ts]
-    if kept:
-        frames.extend(memoryview(f) for f in payload[1:])
     return ["g", kind, gid, 1 if kept else 0, version, reward, nbytes, status, content, event, len(payload) - 1]
