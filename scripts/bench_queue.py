@@ -133,7 +133,7 @@ def asyncrl_consumer(address: str, size: str, shm: bool, count: int, rate: float
 
     per_step = SIZES[size][2]
     take = 1 if rate else per_step
-    consumer = QueueConsumer(address, "bench-consumer", vocab_size=32000, timeout_s=30, shm=shm)
+    consumer = QueueConsumer(address, "bench-consumer", vocab_size=32000, timeout_s=30, shm=shm, shm_views=True)  # as the learner
     consumer.hello("consumer", 0)
     latencies, got, done = [], 0, None
     while got < count:

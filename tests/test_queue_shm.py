@@ -126,6 +126,34 @@ def test_large_groups_travel_through_the_arena_and_arrive_bit_equal(queue, clien
     assert stats["rejected"] == {}
 
 
+def test_a_consumer_asking_for_views_reads_the_arena_in_place_until_it_acknowledges(queue, clients):
+    """`shm_views`: no copy. The arrays are read-only views of the producer's arena, bit-equal to what
+    was put while the lease is held; the default consumer's arrays are copies the arena cannot change."""
+    served = queue()
+    producer = clients.producer(served, arena_bytes=2 * REGION)
+    viewer, copier = clients.consumer(served, shm_views=True), clients.consumer(served, "learner-1")
+    groups = [large_group(seed) for seed in range(2)]
+    producer.put_many(groups, ticketed=False)
+    lease, viewed, _ = viewer.try_get(0, 1)
+    lease_copied, copied, _ = copier.try_get(0, 1)
+    assert_same_groups(viewed + copied, groups)
+    tokens = viewed[0].samples[0].tokens
+    assert not tokens.flags.writeable and not tokens.flags.owndata
+    assert copied[0].samples[0].tokens.flags.writeable  # a copy of its own
+
+    # The producer writes both regions again once told they are free: the view shows the new
+    # bytes (why a view is valid only until its lease is acknowledged), the copy keeps the old.
+    viewer.ack(lease)
+    copier.ack(lease_copied)
+    producer.reconcile(force=True)
+    assert producer.arena.in_use == 0
+    producer.put_many([large_group(seed) for seed in range(2, 4)], ticketed=False)
+    assert served.stats()["shm_in"] == 4
+    kept = {g.group_id: g for g in groups}
+    assert not np.array_equal(tokens, kept[viewed[0].group_id].samples[0].tokens)
+    assert wire(copied[0]) == wire(kept[copied[0].group_id])
+
+
 def test_groups_below_shm_min_bytes_travel_in_the_messages(queue, clients):
     served = queue()
     producer, consumer = clients.producer(served, shm_min_bytes=REGION + 1), clients.consumer(served)

@@ -104,7 +104,8 @@ class Learner:
 
             curve = curve_for(cfg.security, "learner")
             self.consumer = QueueConsumer(
-                cfg.queue.address, name="learner-0", vocab_size=self._vocab_size(), timeout_s=cfg.queue.request_timeout_s, curve=curve
+                cfg.queue.address, name="learner-0", vocab_size=self._vocab_size(), timeout_s=cfg.queue.request_timeout_s, curve=curve,
+                shm_views=True,  # a step copies the arrays into its tensors before its lease is acknowledged
             )
             self.consumer.trained_ids = self.trained_ids
             self.broadcaster = WeightBroadcaster.from_config(cfg.weights, curve=curve)

@@ -26,16 +26,20 @@ class QueueConsumer(Client):
 
     def __init__(
         self, address: str, name: str, vocab_size: Optional[int] = None, rank: Optional[int] = None, world: int = 1,
-        verify: bool = False, shm: bool = True, **kwargs
+        verify: bool = False, shm: bool = True, shm_views: bool = False, **kwargs
     ):
         """`rank`/`world`: this learner's data-parallel rank; each rank then receives its whole-group share
         (groups / world) of the same step's batch. None keeps the plain get: the whole batch to this consumer.
         `verify`: check every array again (NaN, vocabulary, versions); off by default, since the server
         validated each group when it was put and sends its frames on unchanged. Headers and sizes are
         always checked. `shm`: read large groups' arrays from their producer's arena when this process
-        sees the queue's shared-memory directory (shm.py); learned at hello."""
+        sees the queue's shared-memory directory (shm.py); learned at hello. `shm_views`: hand those
+        arrays out as read-only views of the arena instead of copies, valid only until the lease is
+        acknowledged (the producer then writes the region again): for a caller that copies what it
+        keeps before acknowledging, as the learner does when it builds its tensors."""
         super().__init__(address, name, **kwargs)
         self.shm = shm
+        self.shm_views = shm_views
         self._reader: Optional[ArenaReader] = None
         self.vocab_size = vocab_size
         self.rank = rank
@@ -119,7 +123,7 @@ class QueueConsumer(Client):
         return int(reply["lease"]), batch, False
 
     def _read_regions(self, refs, buffers: list, count: int) -> list:
-        """A reply's frames with each arena group's four arrays read (copied) from its region."""
+        """A reply's frames with each arena group's four arrays read from its region (copied unless shm_views)."""
         if not isinstance(refs, list) or len(refs) != count:
             raise ProtocolError("bad_shm", f"field 'shm' of a batch reply must list {count} regions or nils")
         out, at = [], 0
@@ -129,7 +133,7 @@ class QueueConsumer(Client):
                 at += 1 + GROUP_FRAMES
             else:
                 out.append(buffers[at])
-                out.extend(self._reader.frames(ref))
+                out.extend(self._reader.frames(ref, copy=not self.shm_views))
                 at += 1
         if at != len(buffers):
             raise ProtocolError("bad_frames", f"batch reply has {len(buffers)} frames for its {count} groups and regions")

@@ -6,8 +6,10 @@ and a learner run on the queue's host, a large group's four arrays travel instea
 and maps once. The producer writes each group's arrays into a free region of its arena and sends
 only the group header and the region (`offset`, `sizes`); the queue maps the arena, validates the
 arrays in place and holds the region instead of the bytes; a learner that can see the directory
-gets the region in its get reply and copies the arrays out of its own mapping. Each byte is
-written once by the producer and read once by the learner (and once by the queue's checks).
+gets the region in its get reply and reads the arrays from its own mapping: the learner in place,
+until its step has copied them into tensors and acknowledged the lease (`shm_views`), other
+consumers as a copy. Each byte is written once by the producer and read once by the learner (and
+once by the queue's checks).
 
 Regions are reused, never freed to the operating system (fresh pages are costly, in a VM very
 much so): the queue tells the producer which regions it will not read again in the replies to its
@@ -344,8 +346,10 @@ class ArenaReader:
         self.keep = keep
         self._maps: dict[str, tuple[memoryview, int, int]] = {}
 
-    def frames(self, ref, size_limit: int = 1 << 62) -> list:
-        """A copy of one group's four arrays, as frames for the decoder (the region is reused once acknowledged)."""
+    def frames(self, ref, size_limit: int = 1 << 62, copy: bool = True) -> list:
+        """One group's four arrays as frames for the decoder: a copy, or with `copy=False` read-only
+        views of the arena, valid only until the group's lease is acknowledged (the producer then
+        writes the region again)."""
         name = ref.get("arena") if isinstance(ref, dict) else None
         if not isinstance(name, str) or not _ARENA_NAME.fullmatch(name):
             raise ProtocolError("bad_shm", f"a region in a get reply must name an arena, got {ref!r:.120}")
@@ -359,8 +363,9 @@ class ArenaReader:
         self._maps[name] = found
         view, size, fd = found
         _check_inside(fd, size, offset, sizes, name)
-        copy = bytearray(view[offset : offset + sum(sizes)])
-        return split(memoryview(copy), 0, sizes)
+        if not copy:
+            return split(view, offset, sizes)
+        return split(memoryview(bytearray(view[offset : offset + sum(sizes)])), 0, sizes)
 
     def close(self) -> None:
         for _, _, fd in self._maps.values():
