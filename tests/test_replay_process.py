@@ -74,16 +74,19 @@ def test_a_killed_writer_is_replaced_and_what_it_took_is_counted_lost(redis_serv
 def test_records_offered_to_a_stuck_writer_are_lost_at_the_socket_and_counted():
     mirror = MirrorProcess(f"redis://127.0.0.1:{free_port()}/0", "r1", buffer=8)
     os.kill(mirror._proc.pid, signal.SIGSTOP)  # alive but not reading: the socket fills
+    # About 1.3 MB of records: past the one message each end holds (buffer=8) plus whatever the
+    # kernel's socket buffer takes (~200 KB; 200 records of these small groups used to fit in it).
+    offered = 5000
     try:
         started = time.perf_counter()
-        for _ in range(200):
+        for _ in range(offered):
             mirror.on_accept(entry_of(make_group()))
-        assert time.perf_counter() - started < 1.0  # the queue's thread never waits
+        assert time.perf_counter() - started < 2.0  # the queue's thread never waits
         assert mirror.lost_socket_full > 0
     finally:
         os.kill(mirror._proc.pid, signal.SIGCONT)
     stats = mirror.close(timeout_s=5)
-    assert stats["written"] == 0 and stats["lost"] == 200
+    assert stats["written"] == 0 and stats["lost"] == offered
 
 
 def test_a_writer_whose_learner_died_stops_by_itself(redis_server, tmp_path):
