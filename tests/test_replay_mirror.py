@@ -65,8 +65,11 @@ def test_readable_fields_keep_their_exact_text(redis_server):
     assert fields["seed"] == str(2**63 - 25) and fields["task"] == "réponse-à-tout" and fields["ref"] == "ünï"
     assert fields["reward"] == repr((0.1 + 1 / 3 + 2.5) / 3) and json.loads(fields["rewards"]) == [0.1, 1 / 3, 2.5]
     assert (fields["version"], fields["samples"], fields["tokens"], fields["seq"]) == ("1", "3", "7", "1")
-    event = redis_server.client().xrange(RunKeys("r1").events)[0][1]
-    assert event[b"task"].decode() == "réponse-à-tout" and float(event[b"reward"]) == float(fields["reward"])
+    (_, event), = redis_server.client().xrange(RunKeys("r1").events)
+    assert {k.decode(): v.decode() for k, v in event.items()} == {
+        "kind": "accept", "group": group.group_id, "version": "1", "staleness": "0", "reward": fields["reward"]}
+    (_, completed), = ReplayStore.open(redis_server.url).events("r1")  # as `tail` reads it: with the group's fields
+    assert (completed["task"], completed["samples"], completed["engine"]) == ("réponse-à-tout", "3", fields["engine"])
 
 
 def test_dropped_group_is_recorded_with_its_reason(mirrored_queue, redis_server):

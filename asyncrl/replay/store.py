@@ -40,6 +40,11 @@ _NUMBERS = {"seq": int, "version": int, "max_version": int, "learner_version": i
             "samples": int, "tokens": int, "nbytes": int, "reward": float, "ts": float}
 
 
+_EVENT_DETAILS = ("samples", "task", "engine", "learner_version")
+"""Group hash fields an event is completed with for reading (the stream holds only kind, group,
+version, staleness, reward and a drop's reason)."""
+
+
 class ReplayError(RuntimeError):
     """A replay query that cannot be answered; the message says what to do."""
 
@@ -322,12 +327,25 @@ class ReplayStore:
         keys = RunKeys(run)
         raw = (self.r.xrevrange(keys.events, end, start, count=count) if reverse
                else self.r.xrange(keys.events, start, end, count=count))
-        return [(_text(eid), {_text(k): _text(v) for k, v in fields.items()}) for eid, fields in raw]
+        return self._completed(run, raw)
 
     def follow(self, run: str, last_id: str, block_ms: int) -> list[tuple[str, dict]]:
         """Events after `last_id`, waiting up to `block_ms` for the first one."""
         reply = self.r.xread({RunKeys(run).events: last_id}, block=block_ms, count=100)
-        out = []
-        for _, entries in reply or []:
-            out += [(_text(eid), {_text(k): _text(v) for k, v in fields.items()}) for eid, fields in entries]
-        return out
+        return self._completed(run, [entry for _, entries in reply or [] for entry in entries])
+
+    def _completed(self, run: str, raw: list) -> list[tuple[str, dict]]:
+        """Stream entries as (id, fields), a group's event completed from its hash (`samples`, `task`,
+        `engine`, `learner_version`, while the group is stored) and every event given `ts` (a group's
+        event has none: its entry id is the time Redis wrote it)."""
+        events = [(_text(eid), {_text(k): _text(v) for k, v in fields.items()}) for eid, fields in raw]
+        groups = [e for _, e in events if "group" in e and "task" not in e]
+        if groups:
+            pipe = self.r.pipeline(transaction=False)
+            for e in groups:
+                pipe.hmget(RunKeys(run).group(e["group"]), _EVENT_DETAILS)
+            for e, values in zip(groups, pipe.execute()):
+                e.update({k: _text(v) for k, v in zip(_EVENT_DETAILS, values) if v is not None})
+        for eid, e in events:
+            e.setdefault("ts", repr(int(eid.split("-")[0]) / 1000))
+        return events
