@@ -90,9 +90,9 @@ def run_once(groups: int, redis_url: str | None, maxlen: int, shm: bool, array_m
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", dest="json_out", default=None, help="Write the results here as JSON.")
-    parser.add_argument("--groups", type=int, default=15000,
-                        help="Groups per measurement (at 3,000, runs of ~1 s swung by 15%% between repeats).")
-    parser.add_argument("--repeats", type=int, default=5, help="Measurements per configuration (median reported).")
+    parser.add_argument("--groups", type=int, default=5000, help="Groups per measurement (2-3 s each).")
+    parser.add_argument("--repeats", type=int, default=12,
+                        help="Pairs of measurements (without and with the mirror, back to back; median reported).")
     parser.add_argument("--maxlen", type=int, default=200, help="replay.maxlen of the mirror.")
     parser.add_argument("--redis-url", default=None, help="Use this Redis instead of starting one.")
     parser.add_argument("--array-mib-per-s", type=float, default=ReplayConfig().array_mib_per_s,
@@ -113,8 +113,11 @@ def main() -> None:
         time.sleep(0.3)
     try:
         runs = {"without_mirror": [], "with_mirror": []}
-        for _ in range(args.repeats):
-            for name, redis_url in (("without_mirror", None), ("with_mirror", url)):
+        for i in range(args.repeats):
+            # Pairs alternate which runs first (ABBA): the host's speed drifts over seconds, and a
+            # fixed order would charge that drift to one side.
+            order = (("without_mirror", None), ("with_mirror", url))
+            for name, redis_url in order if i % 2 == 0 else order[::-1]:
                 result = run_once(args.groups, redis_url, args.maxlen, args.shm, args.array_mib_per_s)
                 runs[name].append(result)
                 print(f"{name:>15}: {result['groups_per_s']:7.1f} groups/s  {result['mib_per_s']:7.1f} MiB/s"
