@@ -28,8 +28,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench_queue  # noqa: E402  (scripts/, beside this file)
