@@ -40,9 +40,9 @@ _NUMBERS = {"seq": int, "version": int, "max_version": int, "learner_version": i
             "samples": int, "tokens": int, "nbytes": int, "reward": float, "ts": float}
 
 
-_EVENT_DETAILS = ("samples", "task", "engine", "learner_version")
+_EVENT_DETAILS = ("samples", "task", "engine")
 """Group hash fields an event is completed with for reading (the stream holds only kind, group,
-version, staleness, reward and a drop's reason)."""
+version, staleness, reward and a drop's reason); none of them changes after the group arrives."""
 
 
 class ReplayError(RuntimeError):
@@ -336,8 +336,9 @@ class ReplayStore:
 
     def _completed(self, run: str, raw: list) -> list[tuple[str, dict]]:
         """Stream entries as (id, fields), a group's event completed from its hash (`samples`, `task`,
-        `engine`, `learner_version`, while the group is stored) and every event given `ts` (a group's
-        event has none: its entry id is the time Redis wrote it)."""
+        `engine`, while the group is stored) and with its own `learner_version` (version + staleness:
+        the hash's is overwritten by a later drop), and every event given `ts` (a group's event has
+        none: its entry id is the time Redis wrote it)."""
         events = [(_text(eid), {_text(k): _text(v) for k, v in fields.items()}) for eid, fields in raw]
         groups = [e for _, e in events if "group" in e and "task" not in e]
         if groups:
@@ -348,4 +349,6 @@ class ReplayStore:
                 e.update({k: _text(v) for k, v in zip(_EVENT_DETAILS, values) if v is not None})
         for eid, e in events:
             e.setdefault("ts", repr(int(eid.split("-")[0]) / 1000))
+            if "group" in e and "learner_version" not in e and "version" in e and "staleness" in e:
+                e["learner_version"] = str(int(e["version"]) + int(e["staleness"]))
         return events
