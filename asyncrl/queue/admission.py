@@ -69,16 +69,18 @@ class Admission:
             holder.deadline = now + self.ticket_lease_s
             return granted
 
-    def settle(self, accepted: bool, ticketed: bool = True, engine: str = "", now: float = 0.0) -> None:
-        """A group from `engine` arrived (accepted) or was rejected (not accepted); it uses one ticket if it had one."""
+    def settle(self, accepted: bool, ticketed: bool = True, engine: str = "", now: float = 0.0, count: int = 1) -> None:
+        """`count` groups from `engine` arrived (accepted) or were rejected (not accepted); each uses one
+        ticket if the engine still holds one."""
         with self._lock:
             holder = self._holders.get(engine)
             if ticketed and holder is not None and holder.tickets > 0:
-                holder.tickets -= 1
+                used = min(count, holder.tickets)
+                holder.tickets -= used
                 holder.deadline = now + self.ticket_lease_s
-                self.running -= 1
+                self.running -= used
             if accepted:
-                self.usable += 1
+                self.usable += count
 
     def release(self, count: int, engine: str = "", now: float = 0.0) -> int:
         """Return up to `count` of `engine`'s tickets that will not be used; returns how many were held."""

@@ -11,6 +11,7 @@ code the server counts. Must never import torch or touch sockets.
 from __future__ import annotations
 
 import math
+from itertools import accumulate, chain
 from typing import Any, Optional
 
 import msgpack
@@ -139,8 +140,8 @@ def _parse_header(frames: list) -> tuple[dict, list, np.ndarray, np.ndarray, np.
     return _parse_fields(unpack_header(bytes(frames[0])), *frames[1:])
 
 
-def _parse_fields(header, prompt_frame, tokens_frame, logprobs_frame, versions_frame) -> tuple:
-    """Check one group's decoded header against its four array buffers."""
+def _check_header(header) -> tuple[str, list]:
+    """Check one group's decoded header (not its arrays); returns (group id, lens)."""
     if not isinstance(header, dict):
         raise ProtocolError("bad_schema", f"a group header must be a msgpack map, got {type(header).__name__}")
     group_id = _field(header, "id", (str,))
@@ -163,6 +164,12 @@ def _parse_fields(header, prompt_frame, tokens_frame, logprobs_frame, versions_f
         raise ProtocolError("bad_value", f"group {group_id}: rewards must be finite numbers, got {rewards!r}")
     if not all(type(f) is str for f in finish) or not _FINISH.issuperset(finish):
         raise ProtocolError("bad_schema", f"group {group_id}: finish reasons must be one of {FINISH_REASONS}, got {finish!r}")
+    return group_id, lens
+
+
+def _parse_fields(header, prompt_frame, tokens_frame, logprobs_frame, versions_frame) -> tuple:
+    """Check one group's decoded header against its four array buffers."""
+    group_id, lens = _check_header(header)
     prompt_view = memoryview(prompt_frame)
     prompt = np.frombuffer(prompt_view, dtype=_TOKENS) if prompt_view.nbytes % 4 == 0 else None
     if prompt is None or len(prompt) == 0:
@@ -210,75 +217,79 @@ def _parse_many(frames: list, count: int, vocab_size: Optional[int], max_version
     return _check_parsed(parsed, vocab_size, max_version)
 
 
-def _split_packed(headers, plens, frames: list, count: int) -> list[tuple]:
-    """Cut a packed batch (group headers, prompt lengths, 4 joined array frames) into per-group parts."""
-    if not isinstance(headers, list) or not isinstance(plens, list) or len(headers) != count or len(plens) != count:
-        raise ProtocolError("bad_schema", f"a packed batch of {count} group(s) needs 'headers' and 'plens' lists of {count}")
-    if len(frames) != GROUP_FRAMES:
-        raise ProtocolError("bad_frames", f"a packed batch is {GROUP_FRAMES} array frames after the header, got {len(frames)}")
-    if not all(type(n) is int and n >= 1 for n in plens):
-        raise ProtocolError("bad_schema", f"'plens' must be positive integers, got {plens!r:.200}")
-    lens = [h.get("lens") if isinstance(h, dict) else None for h in headers]
-    if not all(isinstance(x, list) and all(type(n) is int and n >= 1 for n in x) for x in lens):
-        # Sizes first, so the cuts below are well defined; _parse_fields names the group and field.
-        bad = next(i for i, x in enumerate(lens) if not (isinstance(x, list) and all(type(n) is int and n >= 1 for n in x)))
-        try:
-            _parse_fields(headers[bad], b"\0\0\0\0", b"", b"", b"")
-        except ProtocolError as exc:
-            raise _where(exc, bad, count) from None
-        raise _where(ProtocolError("bad_schema", "lens must be a list of positive integers"), bad, count)
-    totals = [sum(x) for x in lens]
-    arrays = []
-    for frame, dtype, width, name in zip(frames, (_TOKENS, _TOKENS, _FLOATS, _TOKENS), (sum(plens),) + (sum(totals),) * 3,
-                                         ("prompts", "tokens", "behav_logprobs", "versions")):
-        arrays.append(_array(frame, dtype, width, name))
-    prompts, tokens, logprobs, versions = arrays
-    parts, p, t = [], 0, 0
-    for header, plen, total in zip(headers, plens, totals):
-        p2, t2 = p + plen, t + total
-        parts.append((header, prompts[p:p2], tokens[t:t2], logprobs[t:t2], versions[t:t2]))
-        p, t = p2, t2
-    return parts
-
-
-def _plausible(header) -> bool:
-    """The common case of _parse_fields's header checks, in a few C-level calls; False sends the
-    group to _parse_fields, which finds and names the problem (or accepts a false alarm)."""
+def _columns(headers: list) -> Optional[list]:
+    """Every group header's required fields checked at once, in a few C-level passes over the whole batch
+    rather than a few Python calls per group; returns each group's `lens`, or None when some header is not
+    plainly valid (the caller then checks them one by one, which names the problem or finds a false alarm)."""
     try:
-        gid, lens, rewards, finish = header["id"], header["lens"], header["rewards"], header["finish"]
-        return (
-            type(gid) is str and 0 < len(gid) <= 128 and type(lens) is list and type(rewards) is list
-            and type(finish) is list and 0 < len(lens) == len(rewards) == len(finish)
-            and _INT_ONLY.issuperset(map(type, lens)) and min(lens) >= 1
-            and _NUMBER.issuperset(map(type, rewards)) and math.isfinite(sum(rewards))
-            and _STR_ONLY.issuperset(map(type, finish)) and _FINISH.issuperset(finish)
-        )
-    except (KeyError, TypeError):
-        return False
+        ids = [h["id"] for h in headers]
+        lens = [h["lens"] for h in headers]
+        rewards = [h["rewards"] for h in headers]
+        finish = [h["finish"] for h in headers]
+    except (KeyError, TypeError, IndexError):
+        return None
+    if not (_STR_ONLY.issuperset(map(type, ids)) and _LIST_ONLY.issuperset(map(type, lens))
+            and _LIST_ONLY.issuperset(map(type, rewards)) and _LIST_ONLY.issuperset(map(type, finish))):
+        return None
+    samples, id_chars = list(map(len, lens)), list(map(len, ids))
+    if min(samples) < 1 or samples != list(map(len, rewards)) or samples != list(map(len, finish)):
+        return None
+    if min(id_chars) < 1 or max(id_chars) > 128:
+        return None
+    flat_lens, flat_rewards, flat_finish = (list(chain.from_iterable(x)) for x in (lens, rewards, finish))
+    if not (_INT_ONLY.issuperset(map(type, flat_lens)) and min(flat_lens) >= 1
+            and _NUMBER.issuperset(map(type, flat_rewards)) and math.isfinite(sum(flat_rewards))
+            and _STR_ONLY.issuperset(map(type, flat_finish)) and _FINISH.issuperset(flat_finish)):
+        return None
+    return lens
 
 
-_INT_ONLY, _NUMBER, _STR_ONLY = frozenset([int]), frozenset([int, float]), frozenset([str])
+_INT_ONLY, _NUMBER, _STR_ONLY, _LIST_ONLY = frozenset([int]), frozenset([int, float]), frozenset([str]), frozenset([list])
+_FLOAT_ONLY = frozenset([float])
 
 
 def parse_packed(headers, plens, frames: list, count: int, vocab_size: Optional[int] = None,
                  max_version: Optional[int] = None, check: bool = True) -> list[tuple]:
-    """Validate a packed batch: per group (header, lens, prompt, tokens, logprobs, versions, behaviour version,
-    newest version)."""
-    parts = _split_packed(headers, plens, frames, count)
-    parsed = []
-    for i, part in enumerate(parts):
-        header = part[0]
-        if _plausible(header):
-            p, t, lp, v = part[1:]
-            parsed.append((header, header["lens"], p, t, lp, v))
-            continue
-        try:
-            parsed.append(_parse_fields(*part))
-        except ProtocolError as exc:
-            raise _where(exc, i, count) from None
+    """Validate a packed batch (group headers, prompt lengths, 4 joined array frames): per group (header,
+    lens, prompt, tokens, logprobs, versions, behaviour version, newest version), the arrays views on the
+    frames. The arrays are checked joined, as they arrived, with no copy; `check=False` (a consumer trusting
+    the queue server) checks only the headers and sizes and leaves both versions None."""
+    if not isinstance(headers, list) or not isinstance(plens, list) or len(headers) != count or len(plens) != count:
+        raise ProtocolError("bad_schema", f"a packed batch of {count} group(s) needs 'headers' and 'plens' lists of {count}")
+    if len(frames) != GROUP_FRAMES:
+        raise ProtocolError("bad_frames", f"a packed batch is {GROUP_FRAMES} array frames after the header, got {len(frames)}")
+    if not (_INT_ONLY.issuperset(map(type, plens)) and min(plens) >= 1):
+        raise ProtocolError("bad_schema", f"'plens' must be positive integers, got {plens!r:.200}")
+    lens = _columns(headers)
+    if lens is None:
+        lens = []
+        for i, header in enumerate(headers):
+            try:
+                lens.append(_check_header(header)[1])
+            except ProtocolError as exc:
+                raise _where(exc, i, count) from None
+    totals = list(map(sum, lens))
+    p_ends, t_ends = list(accumulate(plens)), list(accumulate(totals))
+    prompts = _array(frames[0], _TOKENS, p_ends[-1], "prompts")
+    tokens = _array(frames[1], _TOKENS, t_ends[-1], "tokens")
+    logprobs = _array(frames[2], _FLOATS, t_ends[-1], "behav_logprobs")
+    versions = _array(frames[3], _TOKENS, t_ends[-1], "versions")
+    parts = []
+    p = t = 0
+    for header, group_lens, p2, t2 in zip(headers, lens, p_ends, t_ends):
+        parts.append((header, group_lens, prompts[p:p2], tokens[t:t2], logprobs[t:t2], versions[t:t2]))
+        p, t = p2, t2
     if not check:
-        return [(*p, None, None) for p in parsed]
-    return _check_parsed(parsed, vocab_size, max_version)
+        return [(*part, None, None) for part in parts]
+    try:
+        _check_arrays("", prompts, tokens, logprobs, versions, vocab_size, max_version)
+    except ProtocolError:
+        _check_each(parts, vocab_size, max_version)  # names the first bad group
+        raise
+    starts = [0, *t_ends[:-1]]
+    oldest = np.minimum.reduceat(versions, starts).tolist()
+    newest = np.maximum.reduceat(versions, starts).tolist()
+    return [(*part, o, n) for part, o, n in zip(parts, oldest, newest)]
 
 
 def encode_packed(groups: list[TrajectoryGroup]) -> tuple[list[dict], list[int], list]:
@@ -315,15 +326,8 @@ def _check_parsed(parsed: list, vocab_size: Optional[int], max_version: Optional
     instead of a few per group, which is what makes small groups fast); only when that finds a
     problem are the groups checked one by one, to name the first bad one.
     """
-    count = len(parsed)
-    if count == 1 or sum(len(p[3]) for p in parsed) > _JOIN_LIMIT:
-        checked = []
-        for i, p in enumerate(parsed):
-            try:
-                checked.append((*p, *_check_arrays(p[0]["id"], *p[2:], vocab_size, max_version)))
-            except ProtocolError as exc:
-                raise _where(exc, i, count) from None
-        return checked
+    if len(parsed) == 1 or sum(len(p[3]) for p in parsed) > _JOIN_LIMIT:
+        return _check_each(parsed, vocab_size, max_version)
     join = np.concatenate
     prompts, tokens, logprobs, versions = (join([p[k] for p in parsed]) for k in (2, 3, 4, 5))
     starts = np.cumsum([0] + [len(p[5]) for p in parsed[:-1]])
@@ -332,13 +336,20 @@ def _check_parsed(parsed: list, vocab_size: Optional[int], max_version: Optional
         newest = np.maximum.reduceat(versions, starts).tolist()
         _check_arrays("", prompts, tokens, logprobs, versions, vocab_size, max_version)
     except ProtocolError:
-        for i, p in enumerate(parsed):
-            try:
-                _check_arrays(p[0]["id"], *p[2:], vocab_size, max_version)
-            except ProtocolError as exc:
-                raise _where(exc, i, count) from None
+        _check_each(parsed, vocab_size, max_version)  # names the first bad group
         raise
     return [(*p, o, n) for p, o, n in zip(parsed, oldest, newest)]
+
+
+def _check_each(parsed: list, vocab_size: Optional[int], max_version: Optional[int]) -> list[tuple]:
+    """Array checks group by group; the first bad group's error names it."""
+    checked = []
+    for i, p in enumerate(parsed):
+        try:
+            checked.append((*p, *_check_arrays(p[0]["id"], *p[2:], vocab_size, max_version)))
+        except ProtocolError as exc:
+            raise _where(exc, i, len(parsed)) from None
+    return checked
 
 
 def _where(exc: ProtocolError, index: int, count: int) -> ProtocolError:
@@ -381,23 +392,26 @@ def decode_group(
 
 
 def _build(header: dict, lens: list, prompt, tokens, logprobs, versions) -> TrajectoryGroup:
-    samples = []
-    start = 0
-    for n, reward, reason in zip(lens, header["rewards"], header["finish"]):
-        end = start + n
-        samples.append(Sample(tokens[start:end], logprobs[start:end], versions[start:end], float(reward), reason))
-        start = end
-    timings = header.get("timings", {})
-    seed = header.get("seed", 0)
+    """A group from its checked header and arrays; samples are views on the arrays (no copy)."""
+    if len(lens) == 1:  # no cut needed
+        samples = [Sample(tokens, logprobs, versions, float(header["rewards"][0]), header["finish"][0])]
+    else:
+        samples = []
+        start = 0
+        for end, reward, reason in zip(accumulate(lens), header["rewards"], header["finish"]):
+            samples.append(Sample(tokens[start:end], logprobs[start:end], versions[start:end], float(reward), reason))
+            start = end
+    get = header.get
+    task, engine, ref, seed, timings = get("task", ""), get("engine", ""), get("ref", ""), get("seed", 0), get("timings")
+    if type(timings) is not dict:
+        timings = {}
+    elif not (_STR_ONLY.issuperset(map(type, timings)) and _FLOAT_ONLY.issuperset(map(type, timings.values()))):
+        timings = {str(k): float(v) for k, v in timings.items() if isinstance(v, (int, float))}
     return TrajectoryGroup(
-        group_id=header["id"],
-        prompt_tokens=prompt,
-        samples=samples,
-        task=str(header.get("task", "")),
-        engine_id=str(header.get("engine", "")),
-        seed=seed if type(seed) is int else 0,
-        reference=str(header.get("ref", "")),
-        timings={str(k): float(v) for k, v in timings.items() if isinstance(v, (int, float))}
-        if isinstance(timings, dict)
-        else {},
+        header["id"], prompt, samples,
+        task if type(task) is str else str(task),
+        engine if type(engine) is str else str(engine),
+        seed if type(seed) is int else 0,
+        ref if type(ref) is str else str(ref),
+        timings,  # a dict of its own, fresh from msgpack
     )

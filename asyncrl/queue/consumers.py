@@ -236,10 +236,8 @@ class ConsumerSide:
         lease = self._leases.pop(lease_id, None)
         if lease is None:
             return {"ok": True, "acknowledged": 0, "unknown_lease": True}, []
-        now = time.monotonic()
-        for gid in lease.group_ids:
-            entry = self._settle(gid, now, "trained")
-            self.stats.staleness[lease.version - entry.behaviour_version] += 1
+        entries = self._settle_many(lease.group_ids, time.monotonic(), "trained")
+        self.stats.staleness.update(lease.version - entry.behaviour_version for entry in entries)
         self.stats.acknowledged += len(lease.group_ids)
         if lease.step is not None:
             self._finish_share(lease.step)

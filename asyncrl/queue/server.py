@@ -306,11 +306,15 @@ class QueueServer(ConsumerSide):
                           for i, (h, oldest, newest) in enumerate(checked)]
         except ProtocolError:
             # The whole message is refused; the producer will not resend it, so its tickets are spent.
-            for _ in range(count):
-                self.admission.settle(accepted=False, ticketed=ticketed, engine=engine, now=now)
+            self.admission.settle(accepted=False, ticketed=ticketed, engine=engine, now=now, count=count)
             raise
-        statuses = [self._accept(h, versions, hframe, arrays, ticketed, engine, now, (arena, region))
-                    for (h, versions, hframe, arrays), region in zip(groups, regions)]
+        statuses = self._accept(groups, regions, arena)
+        accepted = statuses.count("accepted")
+        if accepted:
+            self.admission.settle(accepted=True, ticketed=ticketed, engine=engine, now=now, count=accepted)
+            self.stats.accepted += accepted
+            self.stats.accepted_by_engine[engine] += accepted
+            self._grew = True
         reply = {"ok": True, "statuses": statuses, "accepted": statuses.count("accepted")} if batched else {"ok": True, "status": statuses[0]}
         reply["instance"] = self.instance
         if arena is not None:
@@ -352,39 +356,42 @@ class QueueServer(ConsumerSide):
         granted = 0 if self.closed or version > self.learner_version else self.admission.grant(version, want, engine, now)
         return {"granted": granted, "learner_version": self.learner_version, "closed": self.closed}
 
-    def _accept(self, header: dict, versions: tuple[int, int], header_frame, arrays: list, ticketed: bool, engine: str,
-                now: float, where: tuple = (None, None)) -> str:
-        """`versions`: the group's oldest (its behaviour version) and newest token versions."""
-        gid = header["id"]
-        arena, region = where
-        if self._known(gid):
-            self.stats.duplicates += 1
-            held = self._entries.get(gid)
-            if region is not None and not (held and held.region and held.region[:2] == (arena.name, region[0])):
-                self.shm.unused(arena.name, region[0])  # a resend of a put already held names the same region: keep it
-            return "duplicate"
-        # A packed group has no header frame yet; msgpack of its header is about the same size.
-        nbytes = sum(len(a) for a in arrays) + (len(header_frame) if header_frame is not None else 64 + 16 * len(header["lens"]))
-        if self._full(nbytes):
-            self.stats.waits += 1
+    def _accept(self, groups: list, regions: list, arena) -> list[str]:
+        """Hold each group of a put unless the queue knows its id or is full: per group 'accepted',
+        'duplicate' or 'wait'. `groups`: (header, (oldest, newest) token versions, header frame or None,
+        4 arrays) each; the oldest is the group's behaviour version. The caller counts the accepted ones
+        and settles their tickets."""
+        entries, settled, ready, arrival = self._entries, self._settled, self._ready, self._arrival
+        statuses = []
+        for (header, (oldest, newest), header_frame, arrays), region in zip(groups, regions):
+            gid = header["id"]
+            if gid in entries or gid in settled:
+                self.stats.duplicates += 1
+                held = entries.get(gid)
+                if region is not None and not (held and held.region and held.region[:2] == (arena.name, region[0])):
+                    self.shm.unused(arena.name, region[0])  # a resend of a put already held names the same region: keep it
+                statuses.append("duplicate")
+                continue
+            # A packed group has no header frame yet; msgpack of its header is about the same size.
+            nbytes = sum(map(len, arrays)) + (len(header_frame) if header_frame is not None else 64 + 16 * len(header["lens"]))
+            if self._full(nbytes):
+                self.stats.waits += 1
+                if region is not None:
+                    self.shm.unused(arena.name, region[0])
+                statuses.append("wait")
+                continue
+            entry = Entry(gid, header, arrays, nbytes, oldest, header_frame, None, newest)
             if region is not None:
-                self.shm.unused(arena.name, region[0])
-            return "wait"
-        self.admission.settle(accepted=True, ticketed=ticketed, engine=engine, now=now)
-        entry = Entry(gid, header, list(arrays), nbytes, versions[0], header_frame, newest_version=versions[1])
-        if region is not None:
-            entry.region = (arena.name, region[0], [len(a) for a in arrays])
-            self.shm.hold(arena, region[0])
-            self.stats.shm_in += 1
-        self._entries[gid] = entry
-        self._bytes += nbytes
-        heapq.heappush(self._ready, (entry.behaviour_version, next(self._arrival), gid))
-        self.stats.accepted += 1
-        self.stats.accepted_by_engine[engine] += 1
-        self._grew = True
-        for obs in self.observers:
-            obs.on_accept(entry)
-        return "accepted"
+                entry.region = (arena.name, region[0], [len(a) for a in arrays])
+                self.shm.hold(arena, region[0])
+                self.stats.shm_in += 1
+            entries[gid] = entry
+            self._bytes += nbytes
+            heapq.heappush(ready, (oldest, next(arrival), gid))
+            for obs in self.observers:
+                obs.on_accept(entry)
+            statuses.append("accepted")
+        return statuses
 
     # -- settlement -------------------------------------------------------------------------
 
@@ -401,12 +408,16 @@ class QueueServer(ConsumerSide):
 
     def _settle(self, gid: str, now: float, outcome: str) -> Entry:
         """Forget a group's frames and remember its id and outcome for the resend window."""
-        entry = self._entries.pop(gid)
-        self._bytes -= entry.nbytes
-        self._settled.add(gid, now, outcome)
-        if entry.region is not None:
-            self.shm.release(entry.region[0], entry.region[1])
-        return entry
+        return self._settle_many([gid], now, outcome)[0]
+
+    def _settle_many(self, gids: list[str], now: float, outcome: str) -> list[Entry]:
+        entries = [self._entries.pop(gid) for gid in gids]
+        self._bytes -= sum(e.nbytes for e in entries)
+        self._settled.add_many(gids, now, outcome)
+        for entry in entries:
+            if entry.region is not None:
+                self.shm.release(entry.region[0], entry.region[1])
+        return entries
 
     def _drop(self, gid: str, reason: str) -> None:
         entry = self._settle(gid, time.monotonic(), f"dropped:{reason}")

@@ -139,8 +139,13 @@ class SettledIds:
         self._ids: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
     def add(self, gid: str, now: float, outcome: str) -> None:
+        self.add_many((gid,), now, outcome)
+
+    def add_many(self, gids, now: float, outcome: str) -> None:
         ids = self._ids
-        ids[gid] = (now, outcome)
+        entry = (now, outcome)
+        for gid in gids:
+            ids[gid] = entry
         while ids and (len(ids) > self.capacity or next(iter(ids.values()))[0] < now - self.window_s):
             ids.popitem(last=False)
 
