@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from itertools import accumulate, chain
+from operator import attrgetter
 from typing import Any, Optional
 
 import msgpack
@@ -100,16 +101,26 @@ def _group_header(group: TrajectoryGroup) -> dict:
         "seed": int(group.seed),
         "ref": group.reference,
         "timings": {k: float(v) for k, v in group.timings.items()},
-        "lens": [int(len(s.tokens)) for s in samples],
+        "lens": [len(s.tokens) for s in samples],
         "rewards": [float(s.reward) for s in samples],
         "finish": [s.finish_reason for s in samples],
     }
 
 
-def _joined(arrays: list, dtype: np.dtype) -> memoryview:
+def _joined(arrays: list, dtype: np.dtype):
+    """The arrays end to end as `dtype`, in one bytes-like object."""
     if not arrays:
         return memoryview(b"")
+    try:
+        if set(map(_DTYPE, arrays)) == {dtype}:
+            # Already the wire's type: joining their bytes costs a third of concatenate for many small arrays.
+            return b"".join(arrays)
+    except (AttributeError, TypeError, BufferError):
+        pass  # not all numpy arrays, or one is not contiguous
     return np.concatenate(arrays, dtype=dtype, casting="unsafe").data.cast("B")
+
+
+_DTYPE = attrgetter("dtype")
 
 
 def _array(frame, dtype: np.dtype, count: int, name: str) -> np.ndarray:
