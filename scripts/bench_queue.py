@@ -9,10 +9,11 @@ loopback: small groups (~1 KiB) and large groups (~1 MiB). Two phases per transp
               minus send (CLOCK_MONOTONIC is shared by all processes on a Linux machine).
 
 asyncrl runs its full path: a QueueServer process, a producer taking admission tickets (in the
-replies to its puts) and sending batched puts (packed into 5 frames for small groups), and a
-consumer that long-polls for a step's batch (the server answers when it is ready), decodes it
-(headers and sizes checked; the arrays were validated by the server), acknowledges it in its next
-get and moves its version on. Large groups go through the producer's arena in the queue's
+replies to its puts) and sending batched puts (packed into 5 frames for small groups), two in
+flight, and a consumer that long-polls for a step's batch (the server answers when it is ready),
+asks for the next step's batch before it decodes this one (headers and sizes checked; the arrays
+were validated by the server), acknowledges it in a later get and moves its version on. The
+latency phase sends and takes one group at a time, one request in flight. Large groups go through the producer's arena in the queue's
 /dev/shm directory, as on one host; `asyncrl_sockets` is the same with arenas off, as between
 hosts. Every transport's processes keep freed memory as `asyncrl` does (asyncrl/allocator.py). Raw ZeroMQ is PUSH/PULL of the very
 frames encode_group produces (the ceiling); Redis Streams is XADD/XREADGROUP/XACK on a real
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -110,20 +112,29 @@ def asyncrl_producer(address: str, size: str, shm: bool, count: int, rate: float
     payload, batch = Payload(size), SIZES[size][2]
     producer = QueueProducer(address, "bench-producer", timeout_s=30, shm=shm)
     producer.hello("producer")
-    sent, granted = 0, 0
-    while sent < count:
-        want = 1 if rate else min(batch, count - sent)
-        if not granted:
-            granted, _ = producer.ticket(producer.learner_version, want)
-        if not granted:
-            time.sleep(0.0005)  # the staleness bound holds this engine back until the learner steps
-            continue
-        groups = [payload.group(producer.learner_version) for _ in range(granted)]
-        sent += granted
-        # The next batch's tickets come in the put's reply: no separate ticket round trip.
-        _, granted, _ = producer.put_and_ticket(groups, producer.learner_version, min(want, count - sent))
-        if rate:
-            time.sleep(1.0 / rate)
+    # Two puts in flight: the next batch is built and sent while the queue answers the last one, as a
+    # rollout server that generates while it sends. The latency phase sends one group at a time.
+    depth = 1 if rate else 2
+    sent, granted, in_flight = 0, 0, deque()
+    while sent < count or in_flight:
+        if sent < count and granted and len(in_flight) < depth:
+            n = 1 if rate else min(granted, batch, count - sent)
+            groups = [payload.group(producer.learner_version) for _ in range(n)]
+            sent, granted = sent + n, granted - n
+            # Each put asks for the tickets of the batches after it (no separate ticket round trip), so that
+            # a put answered with fewer than it asked for (the staleness bound) does not lose a batch in flight.
+            want = min(depth * batch - granted, count - sent - granted)
+            in_flight.append(producer.send_put(groups, producer.learner_version, max(0, want)))
+        elif in_flight:
+            _, more, _ = producer.finish_put(in_flight.popleft())
+            granted += more
+            if rate:
+                time.sleep(1.0 / rate)
+        else:
+            more, _ = producer.ticket(producer.learner_version, min(depth * batch, count - sent))
+            granted += more
+            if not more:
+                time.sleep(0.0005)  # the staleness bound holds this engine back until the learner steps
     producer.release(granted)
     producer.close()
 
@@ -135,19 +146,26 @@ def asyncrl_consumer(address: str, size: str, shm: bool, count: int, rate: float
     take = 1 if rate else per_step
     consumer = QueueConsumer(address, "bench-consumer", vocab_size=32000, timeout_s=30, shm=shm, shm_views=True)  # as the learner
     consumer.hello("consumer", 0)
-    latencies, got, done = [], 0, None
-    while got < count:
+    latencies, got, done, request = [], 0, [], None
+
+    def ask():
         # A step trains groups_per_step groups, as the admission formula assumes, however many each get takes.
-        # The previous step's lease is acknowledged in the get for the next one (one round trip per step).
-        lease, groups, _ = consumer.try_get(got // per_step, min(take, count - got), wait_ms=1000, ack=done)
-        done = None
+        # A handled batch's lease is acknowledged in the next get (no round trip of its own).
+        return consumer.request_batch(got // per_step, min(take, count - got), wait_ms=1000, ack=done.pop(0) if done else None)
+
+    while got < count:
+        lease, groups, _ = consumer.take_batch(request or ask())
+        request = None
         if not groups:
             continue
+        got += len(groups)
+        if got < count and not rate:
+            request = ask()  # as a learner that prefetches: the next step's batch travels while this one is handled
         now = time.monotonic()
         latencies.extend(now - g.timings["sent"] for g in groups)
-        done = lease
-        got += len(groups)
-    consumer.ack(done)
+        done.append(lease)
+    for lease in done:
+        consumer.ack(lease)
     out.put((time.monotonic(), latencies, consumer.stats()))
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 from asyncrl.protocol import TrajectoryGroup
 from asyncrl.queue.codec import GROUP_FRAMES, ProtocolError, decode_groups, decode_packed
 from asyncrl.queue.producer import QueueProducer
-from asyncrl.queue.requests import Client, QueueRequestError, QueueTimeout
+from asyncrl.queue.requests import Client, Pending, QueueRequestError, QueueTimeout
 from asyncrl.queue.shm import ArenaReader, reachable
 
 __all__ = ["QueueConsumer", "QueueProducer", "QueueRequestError", "QueueTimeout", "queue_metrics"]
@@ -78,6 +78,11 @@ class QueueConsumer(Client):
 
         `groups` is the whole step's batch; with a rank set, this rank receives groups / world of them.
         `ack`: the previous step's lease, acknowledged by the same message (saves a round trip per step)."""
+        return self.take_batch(self.request_batch(version, groups, wait_ms, ack))
+
+    def request_batch(self, version: int, groups: int, wait_ms: int = 0, ack: Optional[int] = None) -> Pending:
+        """try_get's request, sent without waiting: `take_batch` takes the reply. A learner asks for its
+        next step's batch (`version` + 1) before it trains this one, so the batch travels meanwhile."""
         # One token per logical get, the same in its resends: a reply lost to a timeout does not
         # leave behind a lease that nobody holds (the queue answers the resend with that lease).
         fields = {"version": version, "groups": groups, "consumer": self.name, "packed": True, "token": uuid.uuid4().hex}
@@ -91,13 +96,18 @@ class QueueConsumer(Client):
             fields["ack"] = int(ack)
         if self._reader is not None:
             fields["shm"] = True
+        return self.send("get", fields)
+
+    def take_batch(self, request: Pending) -> tuple[Optional[int], list[TrajectoryGroup], bool]:
+        """The reply to `request_batch`, as try_get returns it."""
+        fields = request.fields
         try:
-            reply, frames = self.request("get", fields)
+            reply, frames = self.wait(request)
         except QueueRequestError as exc:
             if exc.code != "instance_changed":
                 raise
             # Before a restarted queue hands out anything, it must hear what this learner trained.
-            self.hello("consumer", version)
+            self.hello("consumer", fields["version"])
             fields["instance"] = self.instance
             fields["shm"] = self._reader is not None
             reply, frames = self.request("get", fields)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Optional
 
 from asyncrl.protocol import TrajectoryGroup
 from asyncrl.queue.codec import array_bytes, encode_group, encode_packed, group_parts, pack
-from asyncrl.queue.requests import Client, QueueRequestError
+from asyncrl.queue.requests import Client, Pending, QueueRequestError
 from asyncrl.queue.shm import ProducerArena, reachable
 
 MAX_STATUS_IDS = 4096
@@ -114,11 +115,17 @@ class QueueProducer(Client):
     def _put_request(self, fields: dict, frames: list, refs: list) -> Optional[dict]:
         """One put; frees the regions the queue reports it will not read again. None: the queue could
         not read the arena (it restarted), so the groups must be encoded and sent again."""
+        return self._put_reply(*self._put_send(fields, frames, refs))
+
+    def _put_send(self, fields: dict, frames: list, refs: list) -> tuple[Pending, list, list]:
         used = [r["offset"] for r in refs if r is not None]
         if used:
             fields = {**fields, "arena": self.arena.name, "shm": refs}
+        return self.send("put", fields, frames), refs, used
+
+    def _put_reply(self, request: Pending, refs: list, used: list) -> Optional[dict]:
         try:
-            reply, _ = self.request("put", fields, frames)
+            reply, _ = self.wait(request)
         except QueueRequestError as exc:
             if used and self.tries == 1:
                 for offset in used:  # a refused message: the queue kept nothing of it
@@ -262,7 +269,7 @@ class QueueProducer(Client):
         Returns each group's final status, 'accepted' or 'duplicate'. Groups told to wait are resent,
         alone with the others that waited, after a pause that grows while the queue stays full.
         """
-        statuses = self._put_many(groups, ticketed, wait_s, None)[0]
+        statuses = self._finish(self._start(groups, ticketed, wait_s, None))[0]
         self.reconcile()
         return statuses
 
@@ -271,44 +278,83 @@ class QueueProducer(Client):
         """put_many, asking in the same message for `want` tickets at `version`: (statuses, granted, closed).
 
         Saves the ticket round trip of a producer that generates while it sends."""
-        statuses, reply = self._put_many(groups, ticketed, wait_s, {"want": want, "version": version})
+        return self.finish_put(self.send_put(groups, version, want, ticketed, wait_s))
+
+    def send_put(self, groups: list[TrajectoryGroup], version: int, want: int,
+                 ticketed: bool = True, wait_s: float = 0.01) -> "BatchPut":
+        """put_and_ticket's first message, sent without waiting for the reply: `finish_put` takes it (and
+        sends again any groups the queue told to wait). A producer builds its next batch meanwhile, and
+        may send it too before finishing this one: the queue answers each message in turn."""
+        return self._start(groups, ticketed, wait_s, {"want": want, "version": version})
+
+    def finish_put(self, put: "BatchPut") -> tuple[list[str], int, bool]:
+        """(statuses, granted, closed) of a `send_put`, once every group is held."""
+        statuses, reply = self._finish(put)
         self.reconcile()
         self.learner_version = int(reply.get("learner_version", self.learner_version))
         return statuses, int(reply.get("granted", 0)), bool(reply.get("closed"))
 
-    def _put_many(self, groups, ticketed: bool, wait_s: float, ask: Optional[dict]) -> tuple[list[str], dict]:
+    def _start(self, groups: list[TrajectoryGroup], ticketed: bool, wait_s: float, ask: Optional[dict]) -> "BatchPut":
         packed = bool(groups) and sum(len(s.tokens) for g in groups for s in g.samples) < PACK_TOKENS * len(groups)
-        statuses: list[Optional[str]] = [None] * len(groups)
-        pending = list(range(len(groups)))
-        pause, first = wait_s, {}
-        while pending:
-            fields = {"ticketed": ticketed, "engine": self.name, "groups": len(pending)}
-            refs = [None] * len(pending)
-            if packed:
-                headers, plens, frames = encode_packed([groups[i] for i in pending])
-                fields.update(packed=True, headers=headers, plens=plens)
-            else:
-                frames = []  # encoded at each try: the queue frees the arena regions of groups told to wait
-                for k, i in enumerate(pending):
-                    group_frames, refs[k] = self._encode(groups[i])
-                    frames.extend(group_frames)
-            if ask is not None and not first:
-                fields.update(ask)  # tickets are asked for once, in the first message
-            reply = self._put_request(fields, frames, refs)
-            if reply is None:
-                continue  # the arena was dropped: sent again with the arrays in the messages
-            first = first or reply
-            waiting = []
-            for i, status in zip(pending, reply["statuses"]):
-                if status == "wait":
-                    waiting.append(i)
+        put = BatchPut(groups, ticketed, wait_s, ask, packed, [None] * len(groups), list(range(len(groups))))
+        if put.pending:
+            self._send_pending(put)
+        return put
+
+    def _send_pending(self, put: "BatchPut") -> None:
+        """One message holding the groups of `put` not yet held."""
+        fields = {"ticketed": put.ticketed, "engine": self.name, "groups": len(put.pending)}
+        refs = [None] * len(put.pending)
+        if put.packed:
+            headers, plens, frames = encode_packed([put.groups[i] for i in put.pending])
+            fields.update(packed=True, headers=headers, plens=plens)
+        else:
+            frames = []  # encoded at each try: the queue frees the arena regions of groups told to wait
+            for k, i in enumerate(put.pending):
+                group_frames, refs[k] = self._encode(put.groups[i])
+                frames.extend(group_frames)
+        if put.ask is not None and not put.first:
+            fields.update(put.ask)  # tickets are asked for once, in the first message
+        put.sent = self._put_send(fields, frames, refs)
+
+    def _finish(self, put: "BatchPut") -> tuple[list[str], dict]:
+        pause = put.wait_s
+        while put.pending:
+            reply = self._put_reply(*put.sent)
+            if reply is not None:  # None: the arena was dropped: sent again with the arrays in the messages
+                put.first = put.first or reply
+                waiting = []
+                for i, status in zip(put.pending, reply["statuses"]):
+                    if status == "wait":
+                        waiting.append(i)
+                    else:
+                        put.statuses[i] = status
+                        self._hold(put.groups[i], status)
+                if len(waiting) == len(put.pending):
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.5)
                 else:
-                    statuses[i] = status
-                    self._hold(groups[i], status)
-            if len(waiting) == len(pending):
-                time.sleep(pause)
-                pause = min(pause * 2, 0.5)
-            else:
-                pause = wait_s
-            pending = waiting
-        return statuses, first  # type: ignore[return-value]
+                    pause = put.wait_s
+                put.pending = waiting
+            if put.pending:
+                self._send_pending(put)
+        return put.statuses, put.first
+
+
+@dataclass
+class BatchPut:
+    """A batch of groups being put (see QueueProducer.send_put)."""
+
+    groups: list[TrajectoryGroup]
+    ticketed: bool
+    wait_s: float
+    ask: Optional[dict]
+    """Tickets asked for in the first message: {"want": n, "version": v}."""
+    packed: bool
+    statuses: list
+    pending: list[int]
+    """Indices of the groups not yet held."""
+    first: dict = field(default_factory=dict)
+    """The first message's reply (it holds the tickets granted)."""
+    sent: Optional[tuple] = None
+    """The message in flight, as _put_send returned it."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import zmq
@@ -33,6 +34,18 @@ class QueueRequestError(RuntimeError):
         self.code = code
 
 
+@dataclass
+class Pending:
+    """A request sent and not yet answered (see Client.send)."""
+
+    op: str
+    fields: dict
+    frames: list
+    req: int = 0
+    tries: int = 0
+    deadline: float = 0.0
+
+
 class Client:
     def __init__(self, address: str, name: str, timeout_s: float = 30.0, retries: int = 3, curve=None):
         """`curve`: an `asyncrl.security.Curve` to authenticate with, or None for plain loopback."""
@@ -48,6 +61,10 @@ class Client:
         self.tries = 0
         """How many times the last request was sent (more than 1: an earlier try may have been taken)."""
         self._socket: Optional[zmq.Socket] = None
+        self._outstanding: dict[int, Pending] = {}
+        """Sent requests not yet answered, by request id."""
+        self._early: dict[int, tuple[dict, list]] = {}
+        """Replies that came while waiting for another request's."""
         self._connect()
 
     def _connect(self) -> None:
@@ -56,35 +73,75 @@ class Client:
         self._socket = dealer(self._ctx, self.address, self.curve, "queue")
 
     def request(self, op: str, fields: Optional[dict] = None, frames: list = ()) -> tuple[dict, list]:
-        for attempt in range(self.retries + 1):
-            self.tries = attempt + 1
-            req = next(self._req_ids)
-            header = {"proto": PROTOCOL_VERSION, "op": op, "req": req, **(fields or {})}
-            self._socket.send_multipart([pack(header), *frames], copy=False)
-            deadline = time.monotonic() + self.timeout_s
-            while (left := deadline - time.monotonic()) > 0:
-                if not self._socket.poll(int(left * 1000) + 1, zmq.POLLIN):
-                    break
-                reply_frames = self._socket.recv_multipart(copy=False)
-                reply = unpack_header(reply_frames[0].bytes)
-                if reply.get("req") != req:
-                    continue  # a late answer to an earlier attempt
-                if not reply.get("ok"):
-                    raise QueueRequestError(str(reply.get("code")), f"queue at {self.address} refused {op}: {reply.get('error')}")
-                if isinstance(reply.get("instance"), str) and reply["instance"] != self.instance:
-                    if self.instance is not None:
-                        log.warning("%s: the queue at %s restarted (instance %s, was %s)", self.name, self.address,
-                                    reply["instance"], self.instance)
-                    self._new_instance(reply["instance"])
-                return reply, reply_frames[1:]
-            if attempt < self.retries:
-                log.warning("%s: queue at %s did not answer %r within %.0f s; reconnecting and resending (try %d of %d)",
-                            self.name, self.address, op, self.timeout_s, attempt + 2, self.retries + 1)
-            self._connect()
-        raise QueueTimeout(
-            f"queue at {self.address} did not answer {op!r} within {self.timeout_s:.0f} s, {self.retries + 1} tries; "
-            "is `asyncrl queue` (or the learner) running and reachable?"
-        )
+        """Send a request and wait for its reply: (reply header, reply frames)."""
+        return self.wait(self.send(op, fields, frames))
+
+    def send(self, op: str, fields: Optional[dict] = None, frames: list = ()) -> "Pending":
+        """Send a request without waiting; `wait` takes its reply. Several may be outstanding at once
+        (the queue answers each in turn), so a client can prepare its next message meanwhile."""
+        pending = Pending(op, fields or {}, list(frames))
+        self._transmit(pending)
+        return pending
+
+    def _transmit(self, pending: "Pending") -> None:
+        pending.req = next(self._req_ids)
+        pending.tries += 1
+        pending.deadline = time.monotonic() + self.timeout_s
+        header = {"proto": PROTOCOL_VERSION, "op": pending.op, "req": pending.req, **pending.fields}
+        self._socket.send_multipart([pack(header), *pending.frames], copy=False)
+        self._outstanding[pending.req] = pending
+
+    def wait(self, pending: "Pending") -> tuple[dict, list]:
+        """The reply to a sent request. A reply to another outstanding request is kept for its own wait;
+        on silence past the timeout the socket is rebuilt and every outstanding request sent again."""
+        try:
+            while True:
+                if pending.req in self._early:
+                    reply, frames = self._early.pop(pending.req)
+                    return self._answer(pending, reply), frames
+                left = pending.deadline - time.monotonic()
+                if left > 0 and self._socket.poll(int(left * 1000) + 1, zmq.POLLIN):
+                    reply_frames = self._socket.recv_multipart(copy=False)
+                    reply = unpack_header(reply_frames[0].bytes)
+                    req = reply.get("req")
+                    if req == pending.req:
+                        return self._answer(pending, reply), reply_frames[1:]
+                    if isinstance(req, int) and req in self._outstanding:
+                        self._early[req] = (reply, reply_frames[1:])
+                    continue  # else a late answer to an earlier try
+                if time.monotonic() < pending.deadline:
+                    continue
+                self._retry(pending)
+        finally:
+            self.tries = pending.tries
+            self._outstanding.pop(pending.req, None)
+            self._early.pop(pending.req, None)
+
+    def _retry(self, pending: "Pending") -> None:
+        if pending.tries > self.retries:
+            raise QueueTimeout(
+                f"queue at {self.address} did not answer {pending.op!r} within {self.timeout_s:.0f} s, {pending.tries} tries; "
+                "is `asyncrl queue` (or the learner) running and reachable?"
+            )
+        log.warning("%s: queue at %s did not answer %r within %.0f s; reconnecting and resending (try %d of %d)",
+                    self.name, self.address, pending.op, self.timeout_s, pending.tries + 1, self.retries + 1)
+        # A new socket hears no reply to anything sent on the old one: every outstanding request goes again.
+        waiting = sorted(self._outstanding.values(), key=lambda p: p.req)
+        self._outstanding.clear()
+        self._early.clear()
+        self._connect()
+        for other in waiting:
+            self._transmit(other)
+
+    def _answer(self, pending: "Pending", reply: dict) -> dict:
+        if not reply.get("ok"):
+            raise QueueRequestError(str(reply.get("code")), f"queue at {self.address} refused {pending.op}: {reply.get('error')}")
+        if isinstance(reply.get("instance"), str) and reply["instance"] != self.instance:
+            if self.instance is not None:
+                log.warning("%s: the queue at %s restarted (instance %s, was %s)", self.name, self.address,
+                            reply["instance"], self.instance)
+            self._new_instance(reply["instance"])
+        return reply
 
     def _new_instance(self, instance: str) -> None:
         self.instance = instance
