@@ -81,8 +81,9 @@ class QueueConsumer(Client):
         return self.take_batch(self.request_batch(version, groups, wait_ms, ack))
 
     def request_batch(self, version: int, groups: int, wait_ms: int = 0, ack: Optional[int] = None) -> Pending:
-        """try_get's request, sent without waiting: `take_batch` takes the reply. A learner asks for its
-        next step's batch (`version` + 1) before it trains this one, so the batch travels meanwhile."""
+        """try_get's request, sent without waiting: `take_batch` takes the reply. With it a learner can ask
+        for its next step's batch (`version` + 1) before it trains this one, so the batch travels meanwhile
+        (the benchmark's consumer does; `Trainer` still asks after each step)."""
         # One token per logical get, the same in its resends: a reply lost to a timeout does not
         # leave behind a lease that nobody holds (the queue answers the resend with that lease).
         fields = {"version": version, "groups": groups, "consumer": self.name, "packed": True, "token": uuid.uuid4().hex}
