@@ -125,10 +125,11 @@ class Client:
             )
         log.warning("%s: queue at %s did not answer %r within %.0f s; reconnecting and resending (try %d of %d)",
                     self.name, self.address, pending.op, self.timeout_s, pending.tries + 1, self.retries + 1)
-        # A new socket hears no reply to anything sent on the old one: every outstanding request goes again.
-        waiting = sorted(self._outstanding.values(), key=lambda p: p.req)
-        self._outstanding.clear()
-        self._early.clear()
+        # A new socket hears no reply to anything sent on the old one: every request not yet answered goes
+        # again (replies already kept for their own wait stay kept).
+        waiting = sorted((p for p in self._outstanding.values() if p.req not in self._early), key=lambda p: p.req)
+        for other in waiting:
+            del self._outstanding[other.req]
         self._connect()
         for other in waiting:
             self._transmit(other)
