@@ -315,8 +315,7 @@ class ReplayMirror(MirrorObserver):
                     records.append(reject_args(record))
                 else:
                     records.append(group_args(record, frames))
-            self._script(keys=[keys.meta, keys.by_seq, keys.by_version, keys.by_reward, keys.events, keys.drops,
-                               keys.rejects, RUNS_KEY],
+            self._script(keys=[keys.meta, keys.by_seq, keys.events, keys.drops, keys.rejects, RUNS_KEY],
                          args=[time.time(), self.lost, self.maxlen, self.max_bytes, keys.group_prefix, self.run,
                                msgpack.packb(records, use_bin_type=False), *frames])
         except (redis.RedisError, OSError) as exc:

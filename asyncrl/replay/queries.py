@@ -35,6 +35,9 @@ class Filter:
     reason: Optional[str] = None
 
     def keeps(self, s: dict) -> bool:
+        if not (_within(s.get("version"), self.min_version, self.max_version)
+                and _within(s.get("reward"), self.min_reward, self.max_reward)):
+            return False
         staleness = s.get("staleness")
         if self.min_staleness is not None and (staleness is None or staleness < self.min_staleness):
             return False
@@ -49,10 +52,16 @@ class Filter:
         return self.reason is None or s.get("reason") == self.reason
 
 
+def _within(value, low, high) -> bool:
+    """`value` is within the bounds given (None: unbounded); a missing value is within none."""
+    if low is None and high is None:
+        return True
+    return value is not None and (low is None or value >= low) and (high is None or value <= high)
+
+
 def select(store: ReplayStore, run: str, flt: Filter, limit: Optional[int] = None) -> list[dict]:
     """Summaries of the matching groups in arrival order; with `limit`, the newest `limit` of them."""
-    ids = store.group_ids(run, flt.min_version, flt.max_version, flt.min_reward, flt.max_reward)
-    rows = [s for s in store.summaries(run, ids) if flt.keeps(s)]
+    rows = [s for s in store.summaries(run, store.group_ids(run)) if flt.keeps(s)]
     return rows[-limit:] if limit else rows
 
 

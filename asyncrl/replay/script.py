@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from asyncrl.protocol import FINISH_REASONS
 from asyncrl.queue.codec import unpack_header
 from asyncrl.replay.store import FRAME_FIELDS
 
@@ -18,7 +19,7 @@ from asyncrl.replay.store import FRAME_FIELDS
 # per field costs the writer's Python far more than Redis), then the array frames of groups that keep
 # them. A record is
 #   ['r', code, detail, learner_version, ts]                                       (a reject)
-#   ['g', kind, gid, kept, version, reward, nbytes, nstatus, fields, event, frames]  (a group)
+#   ['g', kind, gid, kept, nbytes, nstatus, fields, event, frames]                  (a group)
 # fields being the group hash's field/value pairs as one flat array, its first nstatus items the
 # status (all a later record of the group changes unless it carries arrays), event the event's
 # pairs after kind and group, frames how many frame arguments (named FRAME_FIELDS[2..]) complete
@@ -29,7 +30,7 @@ from asyncrl.replay.store import FRAME_FIELDS
 # are deleted while the run is over its group or byte limit. Group keys are built inside the
 # script, so the layout needs a single Redis, not a cluster.
 WRITE_BATCH = """
-local meta, by_seq, by_version, by_reward, events, drops, rejects, runs = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local meta, by_seq, events, drops, rejects, runs = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local now, maxlen, max_bytes, prefix = ARGV[1], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
 local frame_names = {%s}
 local records = cmsgpack.unpack(ARGV[7])
@@ -37,8 +38,8 @@ local at = 8
 local count = {accept = 0, drop = 0, reject = 0, skipped = 0}
 local seq = tonumber(redis.call('HGET', meta, 'seq') or '0')
 local bytes = tonumber(redis.call('HGET', meta, 'bytes') or '0')
--- New groups' index entries, added with one ZADD per index for the whole batch.
-local seqs, versions, rewards = {}, {}, {}
+-- New groups' arrival numbers, added with one ZADD for the whole batch.
+local seqs = {}
 for _, rec in ipairs(records) do
   if rec[1] == 'r' then
     local code = rec[2]
@@ -47,8 +48,8 @@ for _, rec in ipairs(records) do
     redis.call('HINCRBY', rejects, code, 1)
     count.reject = count.reject + 1
   else
-    local kind, gid, kept, version, reward, nbytes, nstatus, fields, event = rec[2], rec[3], rec[4], rec[5], rec[6], rec[7], rec[8], rec[9], rec[10]
-    for j = 1, rec[11] do
+    local kind, gid, kept, nbytes, nstatus, fields, event = rec[2], rec[3], rec[4], rec[5], rec[6], rec[7], rec[8]
+    for j = 1, rec[9] do
       fields[#fields + 1] = frame_names[j]
       fields[#fields + 1] = ARGV[at]
       at = at + 1
@@ -59,8 +60,6 @@ for _, rec in ipairs(records) do
       redis.call('HSET', key, 'seq', seq, unpack(fields))
       local n = #seqs
       seqs[n + 1], seqs[n + 2] = seq, gid
-      versions[n + 1], versions[n + 2] = version, gid
-      rewards[n + 1], rewards[n + 2] = reward, gid
       bytes = bytes + nbytes
     elseif kept == 1 then
       redis.call('HSET', key, unpack(fields))
@@ -75,31 +74,26 @@ for _, rec in ipairs(records) do
 end
 if #seqs > 0 then
   redis.call('ZADD', by_seq, unpack(seqs))
-  redis.call('ZADD', by_version, unpack(versions))
-  redis.call('ZADD', by_reward, unpack(rewards))
 end
 if count.accept > 0 then redis.call('HINCRBY', meta, 'accepted', count.accept) end
 if count.drop > 0 then redis.call('HINCRBY', meta, 'dropped', count.drop) end
 if count.reject > 0 then redis.call('HINCRBY', meta, 'rejected', count.reject) end
 if count.skipped > 0 then redis.call('HINCRBY', meta, 'arrays_skipped', count.skipped) end
--- Retention: the oldest groups go, a chunk at a time (one command per chunk and index, not per group).
+-- Retention: the oldest groups go, a chunk at a time (one command per chunk, not per group).
 local n = redis.call('ZCARD', by_seq)
 local trimmed = 0
 while n > maxlen or (bytes > max_bytes and n > 1) do
   local take = math.min(math.max(n - maxlen, 1), 512)
   local popped = redis.call('ZPOPMIN', by_seq, take)
-  local ids, gkeys = {}, {}
+  local gkeys = {}
   for j = 1, #popped, 2 do
     local gid = popped[j]
-    ids[#ids + 1] = gid
     gkeys[#gkeys + 1] = prefix .. gid
     bytes = bytes - tonumber(redis.call('HGET', prefix .. gid, 'nbytes') or '0')
   end
   redis.call('UNLINK', unpack(gkeys))
-  redis.call('ZREM', by_version, unpack(ids))
-  redis.call('ZREM', by_reward, unpack(ids))
-  n = n - #ids
-  trimmed = trimmed + #ids
+  n = n - #gkeys
+  trimmed = trimmed + #gkeys
 end
 if trimmed > 0 then redis.call('HINCRBY', meta, 'trimmed', trimmed) end
 redis.call('HSET', meta, 'seq', seq, 'bytes', bytes, 'last_ts', now, 'lost', ARGV[2])
@@ -115,17 +109,18 @@ def reject_args(record: tuple) -> list:
 
 def group_args(record: tuple, frames: list) -> list:
     """A group record as WRITE_BATCH takes it: its hash fields (docs/replay.md) and its event; its array
-    frames, if it keeps them, are appended to `frames`."""
+    frames, if it keeps them, are appended to `frames`. Runs once per record in the writer process, at
+    the queue's rate: the list fields are joined as strings (json.dumps of each cost most of the time)."""
     kind, gid, reason, payload, learner_version, ts, version, max_version = record
     header_bytes = bytes(payload[0])
     header = unpack_header(header_bytes)
-    lens, rewards = header["lens"], header["rewards"]
+    lens, rewards, finish = header["lens"], header["rewards"], header["finish"]
     reward = repr(float(sum(rewards) / len(rewards)))
-    nbytes = sum(len(f) for f in payload)
+    nbytes = sum(map(len, payload))
     kept = len(payload) == len(FRAME_FIELDS)
     staleness = max(0, learner_version - version)
     ts = repr(ts)
-    samples, tokens, task, engine = len(lens), int(sum(lens)), str(header.get("task", "")), str(header.get("engine", ""))
+    timings = header.get("timings")
     fields = [
         # the status: what a drop of an accepted group changes
         "status", "dropped" if kind == "drop" else "accepted", "reason", reason, "learner_version", learner_version,
@@ -134,28 +129,35 @@ def group_args(record: tuple, frames: list) -> list:
         "version", version,
         "max_version", max_version,
         "reward", reward,
-        "samples", samples,
-        "tokens", tokens,
-        "task", task,
-        "engine", engine,
+        "samples", len(lens),
+        "tokens", sum(lens),
+        "task", str(header.get("task", "")),
+        "engine", str(header.get("engine", "")),
         "nbytes", nbytes,
-        "rewards", _json(rewards),
-        "lens", _json(lens),
-        "finish", _json(header["finish"]),
+        "rewards", _numbers(rewards),
+        "lens", _numbers(lens),
+        "finish", '["' + '","'.join(finish) + '"]' if _FINISH.issuperset(finish) else _json(finish),
         "seed", str(int(header.get("seed", 0))),  # a string: Lua numbers are doubles, seeds may be 64-bit
         "ref", str(header.get("ref", "")),
-        "timings", _json(header.get("timings", {})),
+        "timings", _json(timings) if timings else "{}",
         "arrays", "kept" if kept else "skipped",
     ]
     if kept:
         fields += [FRAME_FIELDS[0], header_bytes]
-        frames.extend(memoryview(f) for f in payload[1:])
+        frames.extend(map(memoryview, payload[1:]))
     event = ["version", version, "staleness", staleness, "reward", reward]
     if reason:
         event += ["reason", reason]
-    return ["g", kind, gid, 1 if kept else 0, version, reward, nbytes, _STATUS_ITEMS, fields, event, len(payload) - 1]
+    return ["g", kind, gid, 1 if kept else 0, nbytes, _STATUS_ITEMS, fields, event, len(payload) - 1]
 
 
+def _numbers(values: list) -> str:
+    """Compact JSON of a list of ints and finite floats (what the queue admits for lens and rewards):
+    repr is what json.dumps writes for each."""
+    return "[" + ",".join(map(repr, values)) + "]"
+
+
+_FINISH = frozenset(FINISH_REASONS)
 _STATUS_ITEMS = 10
 """The status's items at the head of a group record's fields (status, reason, learner_version, staleness, ts)."""
 _json = json.JSONEncoder(separators=(",", ":")).encode

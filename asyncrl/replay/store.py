@@ -80,14 +80,6 @@ class RunKeys:
         return f"{self.base}:by_seq"
 
     @property
-    def by_version(self) -> str:
-        return f"{self.base}:by_version"
-
-    @property
-    def by_reward(self) -> str:
-        return f"{self.base}:by_reward"
-
-    @property
     def drops(self) -> str:
         return f"{self.base}:drops"
 
@@ -253,22 +245,10 @@ class ReplayStore:
 
     # -- groups -----------------------------------------------------------------------------
 
-    def group_ids(self, run: str, min_version: Optional[int] = None, max_version: Optional[int] = None,
-                  min_reward: Optional[float] = None, max_reward: Optional[float] = None) -> list[str]:
-        """Group ids in arrival order, narrowed by the version or reward index when given."""
-        keys = RunKeys(run)
-        ids = [_text(g) for g in self.r.zrange(keys.by_seq, 0, -1)]
-        if min_version is not None or max_version is not None:
-            lo = "-inf" if min_version is None else min_version
-            hi = "+inf" if max_version is None else max_version
-            keep = {_text(g) for g in self.r.zrangebyscore(keys.by_version, lo, hi)}
-            ids = [g for g in ids if g in keep]
-        if min_reward is not None or max_reward is not None:
-            lo = "-inf" if min_reward is None else min_reward
-            hi = "+inf" if max_reward is None else max_reward
-            keep = {_text(g) for g in self.r.zrangebyscore(keys.by_reward, lo, hi)}
-            ids = [g for g in ids if g in keep]
-        return ids
+    def group_ids(self, run: str) -> list[str]:
+        """The stored groups' ids in arrival order. Filters read the groups' summaries: an index per
+        filtered field would cost the mirror Redis time for every group at the queue's rate."""
+        return [_text(g) for g in self.r.zrange(RunKeys(run).by_seq, 0, -1)]
 
     def summaries(self, run: str, ids: list[str], chunk: int = 500) -> Iterator[dict]:
         """Summary dicts (with 'id') of the groups still stored, in the order of `ids`."""
