@@ -64,12 +64,33 @@ def test_readable_fields_keep_their_exact_text(redis_server):
               if not k.startswith(b"frame.")}
     assert fields["seed"] == str(2**63 - 25) and fields["task"] == "réponse-à-tout" and fields["ref"] == "ünï"
     assert fields["reward"] == repr((0.1 + 1 / 3 + 2.5) / 3) and json.loads(fields["rewards"]) == [0.1, 1 / 3, 2.5]
+    compact = json.JSONEncoder(separators=(",", ":")).encode  # the list fields are compact JSON, as written before
+    assert fields["rewards"] == compact([0.1, 1 / 3, 2.5])
+    assert fields["lens"] == compact([len(s.tokens) for s in group.samples])
+    assert fields["finish"] == compact([s.finish_reason for s in group.samples])
     assert (fields["version"], fields["samples"], fields["tokens"], fields["seq"]) == ("1", "3", "7", "1")
     (_, event), = redis_server.client().xrange(RunKeys("r1").events)
     assert {k.decode(): v.decode() for k, v in event.items()} == {
         "kind": "accept", "group": group.group_id, "version": "1", "staleness": "0", "reward": fields["reward"]}
     (_, completed), = ReplayStore.open(redis_server.url).events("r1")  # as `tail` reads it: with the group's fields
     assert (completed["task"], completed["samples"], completed["engine"]) == ("réponse-à-tout", "3", fields["engine"])
+
+
+def test_list_fields_are_the_json_of_what_the_header_holds():
+    """group_args joins number lists itself; the text must be what json.dumps writes (ints stay
+    ints, floats keep repr's digits), and a finish list outside the known reasons still gets JSON."""
+    from asyncrl.queue.codec import pack
+    from asyncrl.replay.script import group_args
+
+    header = {"id": "g1", "task": "t", "engine": "e", "seed": 3, "ref": "", "timings": {"sent": 1.5, "ü": 2},
+              "lens": [3, 11000], "rewards": [1, -0.1, 1e-07, 2.5e20], "finish": ["stop", 'odd"one']}
+    record = ("accept", "g1", "", [pack(header)], 4, 12.5, 2, 3)
+    fields = group_args(record, [])[6]
+    got = dict(zip(fields[0::2], fields[1::2]))
+    compact = json.JSONEncoder(separators=(",", ":")).encode
+    for name in ("lens", "rewards", "finish", "timings"):
+        assert got[name] == compact(header[name]), name
+    assert json.loads(got["finish"]) == ["stop", 'odd"one']
 
 
 def test_dropped_group_is_recorded_with_its_reason(mirrored_queue, redis_server):
