@@ -265,8 +265,8 @@ class ReplayConfig(Section):
     """Most group payload bytes kept per run; the oldest groups are deleted beyond it."""
     max_runs: int = Field(16, ge=1)
     """Most runs kept in Redis; a new run deletes the least recently written ones beyond it."""
-    buffer: int = Field(1024, ge=1)
-    """Most mirror records waiting to be written; beyond it records are lost and counted, the queue never waits."""
+    buffer: int = Field(8192, ge=1)
+    """Most mirror records waiting to be written (a record without arrays is a few hundred bytes); beyond it records are lost and counted, the queue never waits."""
     buffer_bytes: int = Field(256 << 20, ge=1 << 20)
     """Most payload bytes waiting to be written; beyond it records are lost and counted."""
     array_mib_per_s: Optional[float] = Field(16.0, gt=0)

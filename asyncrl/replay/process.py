@@ -40,7 +40,9 @@ log = logging.getLogger("asyncrl.replay")
 
 REPORT_EVERY_S = 0.2
 BATCH_RECORDS = 64
-BATCH_BYTES = 16 << 20
+BATCH_BYTES = 1 << 20
+"""A message's bytes at most (a record carrying arrays, ~1 MiB for a large group, goes alone): the
+socket's bound counts messages, so small messages let it hold `buffer` header-only records."""
 
 
 def _pack(obj) -> bytes:
