@@ -259,6 +259,8 @@ def main() -> None:
         args.groups = 5000 if args.separate else 60000
     if not 0 <= args.settle < args.window:
         parser.error("--settle must be at least 0 and less than --window")
+    if args.redis_priority == "idle" and args.redis_url is None and not hasattr(os, "SCHED_IDLE"):
+        parser.error("SCHED_IDLE needs Linux: pass --redis-priority normal, or --redis-url of a Redis elsewhere")
     keep_freed_memory()  # the queue server runs in this process
 
     proc, workdir = None, None
