@@ -262,14 +262,14 @@ def run_zmq(size: str, count: int, rate: float) -> dict:
 def _message_sink(address: str, count: int, out) -> None:
     import zmq
 
-    sock = zmq.Context().socket(zmq.PULL)
-    sock.bind(address)
-    out.put("ready")
-    sock.recv()
-    start = time.perf_counter()
-    for _ in range(count - 1):
-        sock.recv(copy=False)
-    out.put((count - 1) / (time.perf_counter() - start))
+    with zmq.Context() as ctx, ctx.socket(zmq.PULL) as sock:
+        sock.bind(address)
+        out.put("ready")
+        sock.recv()
+        start = time.perf_counter()
+        for _ in range(count - 1):
+            sock.recv(copy=False)
+        out.put((count - 1) / (time.perf_counter() - start))
 
 
 def host_speed(count: int = 1_000_000) -> float:
@@ -282,14 +282,13 @@ def host_speed(count: int = 1_000_000) -> float:
     sink = CTX.Process(target=_message_sink, args=(address, count, out))
     sink.start()
     out.get(timeout=60)
-    sock = zmq.Context().socket(zmq.PUSH)
-    sock.connect(address)
-    message = b"x" * 1024
-    for _ in range(count):
-        sock.send(message)
-    rate = out.get(timeout=120)
+    with zmq.Context() as ctx, ctx.socket(zmq.PUSH) as sock:
+        sock.connect(address)
+        message = b"x" * 1024
+        for _ in range(count):
+            sock.send(message)
+        rate = out.get(timeout=120)
     sink.join()
-    sock.close()
     return rate
 
 

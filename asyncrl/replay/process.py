@@ -41,8 +41,8 @@ log = logging.getLogger("asyncrl.replay")
 REPORT_EVERY_S = 0.2
 BATCH_RECORDS = 64
 BATCH_BYTES = 1 << 20
-"""A message's bytes at most (a record carrying arrays, ~1 MiB for a large group, goes alone): the
-socket's bound counts messages, so small messages let it hold `buffer` header-only records."""
+"""A message goes once it holds this many bytes (so a large group's ~1 MiB of arrays goes nearly alone):
+the socket's bound counts messages, so small messages let it hold `buffer` header-only records."""
 
 
 def _pack(obj) -> bytes:
