@@ -361,11 +361,11 @@ class QueueServer(ConsumerSide):
         'duplicate' or 'wait'. `groups`: (header, (oldest, newest) token versions, header frame or None,
         4 arrays) each; the oldest is the group's behaviour version. The caller counts the accepted ones
         and settles their tickets."""
-        entries, settled, ready, arrival = self._entries, self._settled, self._ready, self._arrival
+        entries, ready, arrival = self._entries, self._ready, self._arrival
         statuses = []
         for (header, (oldest, newest), header_frame, arrays), region in zip(groups, regions):
             gid = header["id"]
-            if gid in entries or gid in settled:
+            if self._known(gid):
                 self.stats.duplicates += 1
                 held = entries.get(gid)
                 if region is not None and not (held and held.region and held.region[:2] == (arena.name, region[0])):

@@ -36,12 +36,8 @@ class Filter:
 
     def keeps(self, s: dict) -> bool:
         if not (_within(s.get("version"), self.min_version, self.max_version)
+                and _within(s.get("staleness"), self.min_staleness, self.max_staleness)
                 and _within(s.get("reward"), self.min_reward, self.max_reward)):
-            return False
-        staleness = s.get("staleness")
-        if self.min_staleness is not None and (staleness is None or staleness < self.min_staleness):
-            return False
-        if self.max_staleness is not None and (staleness is None or staleness > self.max_staleness):
             return False
         if self.task is not None and s.get("task") != self.task:
             return False
